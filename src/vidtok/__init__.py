@@ -1,0 +1,37 @@
+"""vidtok: DyToK dynamic token compression for Video LLMs on Hugging Face transformers."""
+
+from .budget import allocate_budgets, total_budget
+from .compressors import Compressor, DyToK, FrameSignals, Full, Random, Uniform, VisionZip
+from .importance import frame_weights, last_token_attention, parse_layers
+from .models import UnsupportedModelError, adapter_for, register_adapter, supported_model_types
+from .pipeline import Plan, Prepared, Result, generate, prepare
+from .video import VideoError, preprocess, read_frames
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compressor",
+    "DyToK",
+    "FrameSignals",
+    "Full",
+    "Plan",
+    "Prepared",
+    "Random",
+    "Result",
+    "Uniform",
+    "UnsupportedModelError",
+    "VideoError",
+    "VisionZip",
+    "adapter_for",
+    "allocate_budgets",
+    "frame_weights",
+    "generate",
+    "last_token_attention",
+    "parse_layers",
+    "prepare",
+    "preprocess",
+    "read_frames",
+    "register_adapter",
+    "supported_model_types",
+    "total_budget",
+]

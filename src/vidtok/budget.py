@@ -1,0 +1,77 @@
+"""Frame weights -> per-frame token budgets (SPEC section 2). Pure and deterministic."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def total_budget(retention: float, frames: int, tokens_per_frame: int) -> int:
+    """B = round(r * F * T), half up (Python's round() is half-to-even)."""
+    check_retention(retention)
+    budget = math.floor(retention * frames * tokens_per_frame + 0.5)
+    if budget < 1:
+        raise ValueError(
+            f"retention {retention} keeps no token of {frames}x{tokens_per_frame}; "
+            f"use a retention of at least {1 / (frames * tokens_per_frame):.2g}"
+        )
+    return budget
+
+
+def check_retention(retention: float) -> None:
+    if not isinstance(retention, (int, float)) or isinstance(retention, bool) or not 0 < retention <= 1:
+        raise ValueError(f"retention must be a number in (0, 1], got {retention!r} (1.0 keeps every token)")
+
+
+def allocate_budgets(weights: Sequence[float], total: int, cap: int, floor: int = 0) -> list[int]:
+    """Split `total` tokens across frames in proportion to `weights`, at most `cap` per frame.
+
+    1. a_f = w_f * total (after flooring `floor` tokens to every frame); floor it and hand the
+       leftover one token each to the largest remainders (ties: lower frame index first).
+    2. Clamp to `cap`; hand the excess one token at a time to frames still under `cap`, by
+       descending weight (ties: lower index first).
+    Returns one int per frame; their sum is exactly `total`.
+    """
+    weights = [float(w) for w in weights]
+    frames = len(weights)
+    if frames == 0:
+        raise ValueError("no frames to allocate a budget to")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"frame weights must be finite and >= 0, got {weights}")
+    for name, value in (("total", total), ("cap", cap), ("floor", floor)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if floor > cap:
+        raise ValueError(f"floor ({floor}) exceeds cap ({cap}); lower the floor or raise the cap")
+    if total > frames * cap:
+        raise ValueError(
+            f"budget {total} exceeds {frames} frames x cap {cap} = {frames * cap}; "
+            "lower the retention or raise the per-frame cap"
+        )
+    if total < frames * floor:
+        raise ValueError(
+            f"budget {total} is below {frames} frames x floor {floor} = {frames * floor}; "
+            "raise the retention or lower the per-frame floor"
+        )
+    mass = sum(weights)
+    shares = [w / mass for w in weights] if mass > 0 else [1.0 / frames] * frames
+
+    spread = total - frames * floor
+    exact = [s * spread for s in shares]
+    budgets = [math.floor(a) for a in exact]
+    # Floors never overshoot (sum of floors <= spread), so the leftover is in [0, frames].
+    leftover = spread - sum(budgets)
+    by_remainder = sorted(range(frames), key=lambda f: (-(exact[f] - budgets[f]), f))
+    for f in by_remainder[:leftover]:
+        budgets[f] += 1
+    budgets = [b + floor for b in budgets]
+
+    excess = sum(max(b - cap, 0) for b in budgets)
+    budgets = [min(b, cap) for b in budgets]
+    by_weight = sorted(range(frames), key=lambda f: (-shares[f], f))
+    while excess:
+        for f in by_weight:
+            if excess and budgets[f] < cap:
+                budgets[f] += 1
+                excess -= 1
+    return budgets

@@ -1,0 +1,70 @@
+"""What every base compressor shares: a retention, per-frame budgets in, kept tokens out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..budget import check_retention
+
+
+@dataclass
+class FrameSignals:
+    """Per-token signals from the vision tower, on the same grid as the LLM's visual tokens.
+
+    attention: [F, T] attention received (mean over heads and queries); metric: [F, T, d] keys
+    averaged over heads. Present only when the compressor asks for them.
+    """
+
+    attention: torch.Tensor | None = None
+    metric: torch.Tensor | None = None
+
+
+@dataclass
+class Compressor:
+    """Base class: keeps `budgets[f]` tokens of frame f. Subclasses override `select`.
+
+    Without a DyToK wrapper every frame gets the same budget, round(retention * F * T) spread
+    evenly (the remainder to the earliest frames).
+    """
+
+    retention: float = field(default=0.25, metadata={"help": "kept visual tokens / all visual tokens, in (0, 1]"})
+    spatial_order: bool = field(default=True, metadata={"help": "keep kept tokens in raster order within a frame"})
+
+    name: ClassVar[str] = "base"
+    needs_vision_signals: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check_retention(self.retention)
+
+    def select(self, features: torch.Tensor, budget: int, frame: int, signals: FrameSignals) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [T, D] of one frame, 0 < budget < T -> (token indices [budget], tokens [budget, D])."""
+        raise NotImplementedError
+
+    def compress(self, features: torch.Tensor, budgets: list[int], signals: FrameSignals | None = None):
+        """features [F, T, D] -> (tokens [sum(budgets), D], kept indices per frame)."""
+        frames, tokens_per_frame, _ = features.shape
+        if len(budgets) != frames:
+            raise ValueError(f"{len(budgets)} budgets for {frames} frames")
+        signals = signals or FrameSignals()
+        out, kept = [], []
+        for f, budget in enumerate(budgets):
+            if not 0 <= budget <= tokens_per_frame:
+                raise ValueError(f"frame {f}: budget {budget} outside 0..{tokens_per_frame}")
+            if budget == tokens_per_frame:
+                index, tokens = torch.arange(tokens_per_frame), features[f]
+            elif budget == 0:
+                index, tokens = torch.zeros(0, dtype=torch.long), features[f, :0]
+            else:
+                index, tokens = self.select(features[f], budget, f, signals)
+                if self.spatial_order:
+                    index, order = index.sort()
+                    tokens = tokens[order]
+            out.append(tokens)
+            kept.append(index.tolist())
+        return torch.cat(out, dim=0), kept
+
+    def __str__(self) -> str:
+        return f"{self.name}(retention={self.retention:g})"

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..budget import allocate_budgets, check_retention
+from .base import Compressor
+
+
+@dataclass
+class DyToK:
+    """DyToK: split the global budget across frames by the guide's keyframe prior, then let `base`
+    keep that many tokens per frame.
+
+    The guide is the main model itself ("self") or an assistant model of the same family; the
+    assistant is only referenced here, never attached to the main model.
+    """
+
+    base: Compressor
+    retention: float | None = field(default=None, metadata={"help": "kept share of visual tokens; None: the base's"})
+    guide: Any = field(default="self", metadata={"help": '"self" or an assistant model of the same family'})
+    layers: Any = field(default=None, metadata={"help": "guide layers: list, range or 'A-B'; None: last third"})
+    cap: int | None = field(default=None, metadata={"help": "max tokens per frame; None: all of a frame's tokens"})
+    floor: int = field(default=0, metadata={"help": "min tokens per frame (temporal coverage); 0 as in the reference"})
+
+    name = "dytok"
+
+    def __post_init__(self):
+        if not isinstance(self.base, Compressor):
+            raise TypeError(f"DyToK wraps a base compressor (VisionZip, Uniform, Random, ...), got {type(self.base).__name__}")
+        if self.retention is None:
+            self.retention = self.base.retention
+        check_retention(self.retention)
+        if isinstance(self.guide, str) and self.guide != "self":
+            raise ValueError(f'guide must be "self" or an assistant model, got {self.guide!r}')
+        if self.cap is not None and (isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 1):
+            raise ValueError(f"cap must be a positive int or None, got {self.cap!r}")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:
+            raise ValueError(f"floor must be a non-negative int, got {self.floor!r}")
+
+    @property
+    def guide_name(self) -> str:
+        return "self" if isinstance(self.guide, str) else "assistant"
+
+    def budgets(self, weights, total: int, tokens_per_frame: int) -> list[int]:
+        cap = tokens_per_frame if self.cap is None else self.cap
+        if cap > tokens_per_frame:
+            raise ValueError(f"cap {cap} exceeds the {tokens_per_frame} tokens a frame has; use a cap <= {tokens_per_frame}")
+        return allocate_budgets(weights, total, cap, self.floor)
+
+    def __str__(self) -> str:
+        return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers})"

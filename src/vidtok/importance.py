@@ -1,0 +1,69 @@
+"""Guide attention -> per-frame importance (SPEC section 1). Pure tensor functions."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def last_token_attention(query: torch.Tensor, key: torch.Tensor, visual_index: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of the last query position to the visual keys only, averaged over heads.
+
+    query [B, H, S, d], key [B, Hkv, S, d] (post-RoPE), visual_index [N] positions of the visual
+    tokens. The softmax runs over the visual keys only, so text tokens and the trailing newline
+    do not dilute the weights. Only one query row is used: nothing of size S x S is built.
+    Returns [B, N] in float32.
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} key heads")
+    q = query[:, :, -1, :].float()
+    k = key[:, :, visual_index, :].float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.einsum("bhd,bhnd->bhn", q, k) * scaling
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+def frame_weights(token_weights: torch.Tensor, frames: int) -> torch.Tensor:
+    """[L, F*T] per-layer token weights -> [F] frame weights summing to 1.
+
+    Mean over the tokens of a frame, then over layers, then normalised.
+    """
+    if token_weights.ndim != 2 or token_weights.shape[1] % frames:
+        raise ValueError(f"expected [layers, {frames} * tokens_per_frame] weights, got {tuple(token_weights.shape)}")
+    per_frame = token_weights.float().reshape(token_weights.shape[0], frames, -1).mean(dim=2).mean(dim=0)
+    return per_frame / per_frame.sum()
+
+
+def parse_layers(layers, num_layers: int) -> list[int]:
+    """Guide layers from a list/range of ints, an int, or a string "A-B" / "A,B,C".
+
+    None means the last third of the depth (16..23 of 24, the reference setting). Negative
+    ints count from the end. Out-of-range layers are an error, never silently dropped.
+    """
+    if layers is None:
+        start = num_layers - max(1, num_layers // 3)
+        return list(range(start, num_layers))
+    if isinstance(layers, str):
+        text = layers.replace(" ", "")
+        span = re.fullmatch(r"(\d+)-(\d+)", text)
+        try:
+            chosen = list(range(int(span[1]), int(span[2]) + 1)) if span else [int(x) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"cannot read layers {layers!r}: write a range 'A-B' (inclusive) or a list 'A,B,C'") from None
+    elif isinstance(layers, int) and not isinstance(layers, bool):
+        chosen = [layers]
+    else:
+        try:
+            chosen = [int(x) for x in layers]
+        except (TypeError, ValueError):
+            raise ValueError(f"layers must be ints, a range or 'A-B', got {layers!r}") from None
+    if not chosen:
+        raise ValueError(f"no guide layers chosen from {layers!r}; pick layers in 0..{num_layers - 1}")
+    resolved = []
+    for layer in chosen:
+        index = layer + num_layers if layer < 0 else layer
+        if not 0 <= index < num_layers:
+            raise ValueError(f"guide layer {layer} is outside the guide's {num_layers} layers; pick layers in 0..{num_layers - 1}")
+        resolved.append(index)
+    return sorted(set(resolved))

@@ -1,0 +1,37 @@
+"""One adapter per model family, looked up by `config.model_type`. Only adapters know a model's internals."""
+
+from __future__ import annotations
+
+from .llava_onevision import LlavaOnevisionAdapter
+
+_ADAPTERS: dict[str, type] = {}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def register_adapter(model_type: str, adapter_cls: type) -> None:
+    if model_type in _ADAPTERS:
+        raise ValueError(f"an adapter for {model_type!r} is already registered ({_ADAPTERS[model_type].__name__}); pick another model_type")
+    _ADAPTERS[model_type] = adapter_cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _ADAPTERS:
+        raise UnsupportedModelError(
+            f"vidtok does not support model type {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(supported_model_types())}. Load e.g. a LLaVA-OneVision checkpoint "
+            "with LlavaOnevisionForConditionalGeneration"
+        )
+    return _ADAPTERS[model_type](model)
+
+
+register_adapter("llava_onevision", LlavaOnevisionAdapter)
+
+__all__ = ["UnsupportedModelError", "adapter_for", "register_adapter", "supported_model_types"]

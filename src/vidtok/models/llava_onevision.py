@@ -1,0 +1,185 @@
+"""LLaVA-OneVision (`llava_onevision` in transformers): frames -> SigLIP -> projector -> bilinear
+pooling to a ceil(g/2) grid per frame, flattened, one `image_newline` after the whole video."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._seam import StopForward, observe_attention
+from ..compressors.base import FrameSignals
+from ..importance import last_token_attention
+
+# Fallback when a tokenizer has no chat template: the LLaVA-OV (Qwen2) format.
+DEFAULT_TEMPLATE = "<|im_start|>user <video>\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class LlavaOnevisionAdapter:
+    model_type = "llava_onevision"
+
+    def __init__(self, model):
+        from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+
+        if isinstance(model, LlavaOnevisionForConditionalGeneration):
+            self.inner = model.model
+        elif isinstance(model, LlavaOnevisionModel):
+            self.inner = model
+        else:
+            raise ValueError(f"expected a LLaVA-OneVision model, got {type(model).__name__}")
+        self.model = model
+        config = model.config
+        vision = config.vision_config
+        if config.vision_feature_select_strategy != "full":
+            raise ValueError(
+                "vidtok needs vision_feature_select_strategy='full' (SigLIP has no CLS token to drop), "
+                f"got {config.vision_feature_select_strategy!r}"
+            )
+        self.grid = vision.image_size // vision.patch_size
+        self.tokens_per_frame = math.ceil(self.grid / 2) ** 2
+        self.image_size = vision.image_size
+        self.video_token_id = config.video_token_id
+        self.num_layers = config.text_config.num_hidden_layers
+        self.image_mean = (0.5, 0.5, 0.5)
+        self.image_std = (0.5, 0.5, 0.5)
+
+    def layout(self) -> dict:
+        """What a guide must share with the main model for its frame weights to mean the same frames."""
+        config = self.model.config
+        return {
+            "model_type": self.model_type,
+            "image_size": self.image_size,
+            "tokens_per_frame": self.tokens_per_frame,
+            "video_token_id": self.video_token_id,
+            "vocab_size": config.text_config.vocab_size,
+        }
+
+    @property
+    def device(self):
+        return self.inner.image_newline.device
+
+    @property
+    def dtype(self):
+        return self.inner.image_newline.dtype
+
+    # prompt --------------------------------------------------------------------------------
+
+    def input_ids(self, tokenizer, question: str, video_tokens: int) -> torch.Tensor:
+        """Prompt ids with the single video marker expanded to `video_tokens` placeholders."""
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = DEFAULT_TEMPLATE.format(question=question)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        marks = [i for i, t in enumerate(ids) if t == self.video_token_id]
+        if len(marks) != 1:
+            raise ValueError(
+                f"the prompt holds {len(marks)} video tokens (id {self.video_token_id}), expected 1: "
+                "the tokenizer does not match the model, or the question contains the video marker"
+            )
+        at = marks[0]
+        ids = ids[:at] + [self.video_token_id] * video_tokens + ids[at + 1 :]
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions of the frame tokens in the prompt: the trailing newline placeholder excluded."""
+        return (input_ids[0] == self.video_token_id).nonzero().squeeze(1)[:-1]
+
+    # vision --------------------------------------------------------------------------------
+
+    def _feature_attention_module(self):
+        config = self.model.config
+        tower = self.inner.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        feature_layer = config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            feature_layer = feature_layer[-1]
+        # hidden_states[0] is the embedding output; hidden_states[i] comes out of encoder layer i - 1.
+        index = feature_layer % (len(layers) + 1) - 1
+        if index < 0:
+            raise ValueError("vision_feature_layer selects the patch embeddings: there is no attention to rank tokens by")
+        return layers[index].self_attn
+
+    def encode_video(self, pixel_values: torch.Tensor, signals: bool = False):
+        """[F, 3, S, S] -> (features [F, T, D], newline [1, D], FrameSignals or None).
+
+        Runs the model's own get_video_features, so features equal those of an unmodified forward.
+        With `signals`, also the feature layer's attention received and mean keys, pooled to the
+        LLM's token grid exactly as the features are.
+        """
+        frames = pixel_values.shape[0]
+        pixel_values = pixel_values.to(self.device, self.dtype)[None]
+        observed = {}
+
+        def observe(module, query, key, scaling):
+            received = []
+            for f in range(query.shape[0]):  # one frame at a time: [H, N, N] at most
+                probs = (query[f].float() @ key[f].float().transpose(-1, -2) * scaling).softmax(-1)
+                received.append(probs.mean(dim=(0, 1)))
+            observed["attention"] = torch.stack(received)
+            observed["metric"] = key.float().mean(dim=1)
+
+        if signals:
+            with observe_attention(self.model, ["vision_config"], {self._feature_attention_module(): observe}):
+                out = self.inner.get_video_features(pixel_values, return_dict=True)
+        else:
+            out = self.inner.get_video_features(pixel_values, return_dict=True)
+        pooled = out.pooler_output[0]
+        features = pooled[:-1].reshape(frames, self.tokens_per_frame, -1)
+        newline = pooled[-1:]
+        frame_signals = None
+        if signals:
+            frame_signals = FrameSignals(
+                attention=self.inner.apply_pooling(observed["attention"][..., None])[..., 0],
+                metric=self.inner.apply_pooling(observed["metric"]),
+            )
+        return features, newline, frame_signals
+
+    # LLM -----------------------------------------------------------------------------------
+
+    def _mm_outputs(self, video_embeds: torch.Tensor) -> dict:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"video": BaseModelOutputWithPooling(pooler_output=video_embeds[None])}
+
+    def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor) -> dict:
+        """Keyword arguments for model(...) / model.generate(...): video_embeds [N, D] fill the N placeholders."""
+        placeholders = int((input_ids == self.video_token_id).sum())
+        if placeholders != video_embeds.shape[0]:
+            raise ValueError(f"{placeholders} video placeholders for {video_embeds.shape[0]} video tokens")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "mm_encoder_outputs": self._mm_outputs(video_embeds),
+        }
+
+    def token_attention(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """Last-token attention to the frame tokens at `layers`: [len(layers), F*T].
+
+        Runs the LLM only up to the attention of the deepest chosen layer (no later layers,
+        no LM head, no KV cache), with sdpa everywhere.
+        """
+        visual = self.visual_positions(input_ids)
+        decoder_layers = self.inner.language_model.layers
+        deepest = max(layers)
+        captured: dict[int, torch.Tensor] = {}
+
+        def observer(layer):
+            def observe(module, query, key, scaling):
+                captured[layer] = last_token_attention(query, key, visual.to(query.device), scaling)[0]
+                if layer == deepest:
+                    raise StopForward
+
+            return observe
+
+        observers = {decoder_layers[layer].self_attn: observer(layer) for layer in layers}
+        with observe_attention(self.model, ["text_config"], observers):
+            try:
+                self.inner(**self.model_inputs(input_ids, video_embeds), use_cache=False)
+            except StopForward:
+                pass
+        missing = [layer for layer in layers if layer not in captured]
+        if missing:
+            raise RuntimeError(f"guide layers {missing} were never run: the guide's attention could not be captured")
+        return torch.stack([captured[layer] for layer in layers])

@@ -1,0 +1,201 @@
+"""One call: video + question -> answer, with a record of what was kept and why."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .budget import allocate_budgets, total_budget
+from .compressors import Compressor, DyToK, Full
+from .importance import frame_weights, parse_layers
+from .models import adapter_for
+from .video import VideoError, preprocess, read_frames
+
+
+@dataclass
+class Plan:
+    """What a call decided: frame weights, per-frame budgets, kept token indices, stage times."""
+
+    method: str
+    guide: str | None
+    retention: float
+    frames: int
+    tokens_per_frame: int
+    total_budget: int
+    budgets: list[int]
+    frame_weights: list[float] | None
+    guide_layers: list[int] | None
+    kept: list[list[int]]
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    inputs: dict  # keyword arguments for model(**inputs) or model.generate(**inputs)
+    plan: Plan
+
+
+@dataclass
+class Result:
+    text: str
+    plan: Plan
+    sequences: torch.Tensor
+
+
+class _Timer:
+    def __init__(self, seconds: dict):
+        self.seconds = seconds
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - self.start
+
+        return _Stage()
+
+
+def _describe(method) -> tuple[Compressor, DyToK | None]:
+    if method is None:
+        return Full(), None
+    if isinstance(method, DyToK):
+        return method.base, method
+    if isinstance(method, Compressor):
+        return method, None
+    raise TypeError(f"method must be a compressor (Full, Uniform, Random, VisionZip) or DyToK(...), got {type(method).__name__}")
+
+
+def load_pixels(video, frames: int | None, size: int, mean, std) -> torch.Tensor:
+    """A path, uint8 frames [F, H, W, 3] or pixel values [F, 3, S, S] -> pixel values."""
+    if isinstance(video, (str, os.PathLike)):
+        video = read_frames(video, 32 if frames is None else frames)
+    if isinstance(video, torch.Tensor) and video.is_floating_point():
+        if video.ndim != 4 or tuple(video.shape[1:]) != (3, size, size):
+            raise VideoError(f"pixel values must be [F, 3, {size}, {size}] for this model, got {tuple(video.shape)}")
+        pixels = video
+    else:
+        pixels = preprocess(np.asarray(video), size, mean, std)
+    if pixels.shape[0] == 0:
+        raise VideoError("the video has zero frames")
+    if frames is not None and pixels.shape[0] != frames:
+        raise VideoError(f"the video has {pixels.shape[0]} frames, {frames} were asked for")
+    return pixels
+
+
+def _guide_adapter(dytok: DyToK, adapter):
+    if dytok.guide_name == "self":
+        return adapter
+    guide = adapter_for(dytok.guide)
+    if dytok.guide is adapter.model:
+        return adapter
+    main_layout, guide_layout = adapter.layout(), guide.layout()
+    mismatch = [f"{k} {v} vs {guide_layout.get(k)}" for k, v in main_layout.items() if v != guide_layout.get(k)]
+    if mismatch:
+        raise ValueError(
+            "the assistant does not match the main model (main vs assistant): "
+            + ", ".join(mismatch)
+            + "; use an assistant of the same family, tokenizer and frame layout"
+        )
+    return guide
+
+
+def _guide_weights(guide, main, layers, tokenizer, question, pixels, features, newline, timer) -> torch.Tensor:
+    """Frame weights [F] from the guide's last-token attention on the full, uncompressed prompt."""
+    frames = features.shape[0]
+    with timer("guide"):
+        if guide is not main:  # an assistant sees the frames through its own vision tower
+            features, newline, _ = guide.encode_video(pixels)
+        ids = guide.input_ids(tokenizer, question, frames * guide.tokens_per_frame + 1)
+        embeds = torch.cat([features.flatten(0, 1), newline])
+        return frame_weights(guide.token_attention(ids, embeds, layers), frames)
+
+
+@torch.no_grad()
+def prepare(model, tokenizer, video, question: str, method=None, *, frames: int | None = None) -> Prepared:
+    """Encode, (guide,) compress and build the model inputs for one video and question.
+
+    `method`: None or Full() for no compression, a base compressor (same budget every frame),
+    or DyToK(base, ...). Returns the inputs for model(**inputs) / model.generate(**inputs).
+    The model is left exactly as it was, also when this raises.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question must be a non-empty string")
+    base, dytok = _describe(method)
+    adapter = adapter_for(model)
+    seconds: dict[str, float] = {}
+    timer = _Timer(seconds)
+    with timer("decode"):
+        pixels = load_pixels(video, frames, adapter.image_size, adapter.image_mean, adapter.image_std)
+    num_frames, per_frame = pixels.shape[0], adapter.tokens_per_frame
+    retention = dytok.retention if dytok else base.retention
+    budget = total_budget(retention, num_frames, per_frame)
+    compressing = budget < num_frames * per_frame
+    guide, layers = None, None
+    if dytok is not None:  # check the guide and its layers before any work
+        guide = _guide_adapter(dytok, adapter)
+        layers = parse_layers(dytok.layers, guide.num_layers)
+
+    with timer("vision"):
+        features, newline, signals = adapter.encode_video(pixels, signals=compressing and base.needs_vision_signals)
+
+    weights = None
+    if dytok is not None and compressing:
+        weights = _guide_weights(guide, adapter, layers, tokenizer, question, pixels, features, newline, timer)
+        budgets = dytok.budgets(weights.tolist(), budget, per_frame)
+    else:
+        budgets = allocate_budgets([1.0] * num_frames, budget, per_frame)
+
+    with timer("compress"):
+        if compressing:
+            tokens, kept = base.compress(features, budgets, signals)
+        else:
+            tokens, kept = features.flatten(0, 1), [list(range(per_frame))] * num_frames
+        video_embeds = torch.cat([tokens, newline])
+        input_ids = adapter.input_ids(tokenizer, question, video_embeds.shape[0])
+        inputs = adapter.model_inputs(input_ids, video_embeds)
+
+    plan = Plan(
+        method=base.name,
+        guide=dytok.guide_name if dytok else None,
+        retention=float(retention),
+        frames=num_frames,
+        tokens_per_frame=per_frame,
+        total_budget=budget,
+        budgets=budgets,
+        frame_weights=None if weights is None else [float(w) for w in weights],
+        guide_layers=layers if weights is not None else None,
+        kept=kept,
+        visual_tokens_in=num_frames * per_frame,
+        visual_tokens_kept=int(tokens.shape[0]),
+        seconds=seconds,
+    )
+    return Prepared(inputs=inputs, plan=plan)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, **generate_kwargs) -> Result:
+    """Answer `question` about `video` with `method` (see `prepare`); `generate_kwargs` go to model.generate.
+
+    Batch size 1: one video, one question.
+    """
+    prepared = prepare(model, tokenizer, video, question, method, frames=frames)
+    generate_kwargs.setdefault("max_new_tokens", 32)
+    start = time.perf_counter()
+    sequences = model.generate(**prepared.inputs, **generate_kwargs)
+    prepared.plan.seconds["generate"] = time.perf_counter() - start
+    prompt_length = prepared.inputs["input_ids"].shape[1]
+    text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
+    return Result(text=text, plan=prepared.plan, sequences=sequences)

@@ -1,0 +1,106 @@
+"""Small LLaVA-OneVision models built from configs in code, with a word-level tokenizer.
+
+These are the project's own testbed: the real transformers architecture (SigLIP + Qwen2 in
+`LlavaOnevisionForConditionalGeneration`) at a size that trains and runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
+SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<video>", "<image>")
+WORDS = ("user", "assistant", "what", "shape", "colour", "is", "the", "?", "which", "object") + SHAPES + COLOURS
+
+# One `<video>` marker in the rendered prompt; the adapter expands it to the placeholder count.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'video' %}<video> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+# geometry name -> (vision width, vision layers, text width, text layers, text heads, kv heads)
+GEOMETRIES = {
+    "main": (96, 2, 128, 4, 4, 2),
+    "assistant": (96, 2, 64, 2, 2, 1),
+    "test": (32, 2, 32, 2, 4, 2),
+}
+
+
+def build_tokenizer():
+    """Word-level tokenizer with the toy vocabulary and a chat template (saved as tokenizer.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        extra_special_tokens={"video_token": "<video>", "image_token": "<image>"},
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<video>", "<image>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def toy_config(geometry: str = "main", image_size: int = 64, patch_size: int = 8):
+    """A LlavaOnevisionConfig for one of GEOMETRIES (64-px frames, 8-px patches -> 16 tokens/frame)."""
+    from transformers import LlavaOnevisionConfig
+
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown toy geometry {geometry!r}; choose one of {sorted(GEOMETRIES)}")
+    vw, vl, tw, tl, th, tkv = GEOMETRIES[geometry]
+    vocab = len(SPECIALS) + len(WORDS)
+    return LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": vw,
+            "intermediate_size": vw * 2,
+            "num_hidden_layers": vl,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "hidden_size": tw,
+            "intermediate_size": tw * 2,
+            "num_hidden_layers": tl,
+            "num_attention_heads": th,
+            "num_key_value_heads": tkv,
+            "vocab_size": vocab,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+            "eos_token_id": SPECIALS.index("<|im_end|>"),
+            "pad_token_id": SPECIALS.index("<pad>"),
+            "bos_token_id": None,
+        },
+        image_token_index=SPECIALS.index("<image>"),
+        video_token_index=SPECIALS.index("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=True,
+        image_grid_pinpoints=[[image_size, image_size]],
+    )
+
+
+def build_toy_model(geometry: str = "main", seed: int = 0, **config_kwargs):
+    """Random-weight toy model (deterministic from `seed`), in eval mode, float32."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    config = toy_config(geometry, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model.eval()

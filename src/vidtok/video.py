@@ -1,0 +1,92 @@
+"""Video decoding (PyAV, which ships its own FFmpeg), uniform frame sampling, SigLIP preprocessing.
+
+The transformers video processors need torchvision, which cannot be installed beside the pinned
+CPU torch, so the preprocessing LLaVA-OneVision uses (resize to a square, bicubic; scale to
+[0, 1]; normalise with mean = std = 0.5) lives here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+class VideoError(ValueError):
+    pass
+
+
+def sample_indices(total: int, frames: int) -> list[int]:
+    """`frames` indices spread uniformly over [0, total - 1], first and last included (as LLaVA-OV)."""
+    if frames < 1:
+        raise VideoError(f"frames must be >= 1, got {frames}")
+    if total < frames:
+        raise VideoError(f"the video has {total} frames, {frames} were asked for; ask for {total} frames or fewer")
+    return np.linspace(0, total - 1, frames).round().astype(int).tolist()
+
+
+def read_frames(path: str | os.PathLike, frames: int) -> np.ndarray:
+    """Decode `frames` uniformly sampled RGB frames: uint8 [F, H, W, 3]."""
+    import av
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VideoError(f"no video file at {path!r}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path!r} has no video stream")
+            stream = container.streams.video[0]
+            # Trust the header's frame count only to skip frames we don't keep; verify it after decoding.
+            if stream.frames >= frames:
+                wanted = sample_indices(stream.frames, frames)
+                kept, count = {}, 0
+                for count, frame in enumerate(container.decode(stream), start=1):
+                    if count - 1 in wanted:
+                        kept[count - 1] = frame.to_ndarray(format="rgb24")
+                if count == stream.frames:
+                    return np.stack([kept[i] for i in wanted])
+        with av.open(path) as container:
+            decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except av.error.FFmpegError as error:
+        raise VideoError(f"cannot read video {path!r}: {error}; check the file is a video FFmpeg can decode") from None
+    if not decoded:
+        raise VideoError(f"{path!r} holds no decodable frames")
+    return np.stack([decoded[i] for i in sample_indices(len(decoded), frames)])
+
+
+def preprocess(frames: np.ndarray | torch.Tensor, size: int, mean: Sequence[float] = (0.5,) * 3, std: Sequence[float] = (0.5,) * 3) -> torch.Tensor:
+    """uint8 RGB frames [F, H, W, 3] -> float pixel values [F, 3, size, size] for SigLIP."""
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise VideoError(f"expected RGB frames [F>0, H, W, 3], got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise VideoError(f"expected uint8 frames, got {frames.dtype}")
+    resized = [
+        np.asarray(Image.fromarray(f).resize((size, size), Image.Resampling.BICUBIC)) if f.shape[:2] != (size, size) else f
+        for f in frames
+    ]
+    pixels = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0
+    mean_t, std_t = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    return (pixels - mean_t) / std_t
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 4) -> None:
+    """uint8 RGB frames [F, H, W, 3] -> an mp4 (H.264, lossless-ish: crf 0, yuv444p)."""
+    import av
+
+    frames = np.asarray(frames, dtype=np.uint8)
+    with av.open(os.fspath(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
