@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
 GEOMETRIES = {
     "main": (96, 2, 128, 4, 4, 2),
     "assistant": (96, 2, 64, 2, 2, 1),
-    "test": (32, 2, 32, 2, 4, 2),
+    "test": (32, 2, 32, 3, 4, 2),
 }
 
 
@@ -104,3 +104,50 @@ def build_toy_model(geometry: str = "main", seed: int = 0, **config_kwargs):
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model.eval()
+
+
+# shipped defaults --------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+CALIBRATION_FILE = "vidtok.json"
+RANDOM_NOTE = "the default model has random weights (no trained toy model is shipped in this install): its answers are meaningless"
+
+
+def default_video() -> Path:
+    return ASSETS / "sample" / "sample.mp4"
+
+
+def default_question() -> str:
+    import json
+
+    return json.loads((ASSETS / "sample" / "sample.json").read_text())["question"]
+
+
+def load_default():
+    """(model, tokenizer, assistant or None, note or None): the shipped trained toy pair if present,
+    else a random-weight toy model built in code (deterministic, seed 0)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    main, assistant = ASSETS / "toy-main", ASSETS / "toy-assistant"
+    if (main / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(main).eval()
+        guide = LlavaOnevisionForConditionalGeneration.from_pretrained(assistant).eval() if (assistant / "config.json").is_file() else None
+        return model, AutoTokenizer.from_pretrained(main), guide, None
+    return build_toy_model("main", seed=0), build_tokenizer(), None, RANDOM_NOTE
+
+
+def calibrated_layers(model):
+    """Guide layers stored beside a model's config by `vidtok calibrate`, or None."""
+    import json
+
+    folder = getattr(model, "name_or_path", None) if model is not None else None
+    if not folder:
+        return None
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["guide_layers"]

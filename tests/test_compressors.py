@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+
+from vidtok import DyToK, FrameSignals, Full, Random, Uniform, VisionZip, adapter_for
+from vidtok.compressors.visionzip import visionzip_frame
+
+
+def slow_visionzip(features, attention, metric, dominant, contextual):
+    """Loop-by-loop VisionZip reference (independent of the tensor implementation)."""
+    tokens = features.shape[0]
+    order = sorted(range(tokens), key=lambda i: (-float(attention[i]), i))
+    dom = order[:dominant]
+    rest = [i for i in range(tokens) if i not in dom]
+    if contextual == 0:
+        return dom, [features[i] for i in dom]
+    step = max(1, len(rest) // contextual)
+    targets = [rest[p] for p in range(0, len(rest), step)][:contextual]
+    members = {t: [] for t in targets}
+    for i in rest:
+        if i in targets:
+            continue
+        sims = []
+        for t in targets:
+            a, b = metric[i].double(), metric[t].double()
+            sims.append(float(a @ b / (a.norm() * b.norm())))
+        members[targets[max(range(len(targets)), key=lambda k: (sims[k], -k))]].append(i)
+    merged = []
+    for t in targets:
+        extra = torch.stack([features[m] for m in members[t]]).mean(0) if members[t] else torch.zeros_like(features[t])
+        merged.append(features[t] + extra)
+    return dom + targets, [features[i] for i in dom] + merged
+
+
+@pytest.mark.parametrize("dominant, contextual", [(6, 1), (12, 2), (3, 0), (0, 4), (10, 6)])
+def test_visionzip_matches_slow_reference(dominant, contextual):
+    g = torch.Generator().manual_seed(dominant * 10 + contextual)
+    features, attention, metric = torch.randn(16, 5, generator=g), torch.rand(16, generator=g), torch.randn(16, 3, generator=g)
+    index, tokens = visionzip_frame(features, attention, metric, dominant, contextual)
+    ref_index, ref_tokens = slow_visionzip(features, attention, metric, dominant, contextual)
+    assert index.tolist() == ref_index
+    torch.testing.assert_close(tokens, torch.stack(ref_tokens))
+
+
+def test_visionzip_split_matches_the_reference_pairs():
+    vz = VisionZip()
+    assert [vz.split(b) for b in (147, 98, 49, 35, 14)] == [(126, 21), (84, 14), (42, 7), (30, 5), (12, 2)]
+
+
+def test_visionzip_contextual_token_adds_members_mean():
+    features = torch.tensor([[10.0], [0.0], [1.0], [3.0]])
+    attention = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    metric = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.1], [1.0, 0.2]])
+    index, tokens = visionzip_frame(features, attention, metric, dominant=1, contextual=1)
+    # token 0 dominant; target is token 1, members 2 and 3: 0 + mean(1, 3) = 2 (added, not averaged with the target)
+    assert index.tolist() == [0, 1]
+    assert tokens[:, 0].tolist() == [10.0, 2.0]
+
+
+def signals(frames, tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return FrameSignals(attention=torch.rand(frames, tokens, generator=g), metric=torch.randn(frames, tokens, 4, generator=g))
+
+
+@pytest.mark.parametrize("compressor", [Uniform(), Random(seed=3), VisionZip()])
+@pytest.mark.parametrize("budgets", [[16, 0, 5, 1], [3, 3, 3, 3], [16, 16, 16, 16], [0, 0, 0, 1]])
+def test_kept_count_is_the_budget_and_order_is_spatial(compressor, budgets):
+    features = torch.randn(4, 16, 8)
+    tokens, kept = compressor.compress(features, budgets, signals(4, 16))
+    assert [len(k) for k in kept] == budgets
+    assert tokens.shape == (sum(budgets), 8)
+    for k in kept:
+        assert k == sorted(k) and len(set(k)) == len(k) and all(0 <= i < 16 for i in k)
+    if budgets == [16] * 4:
+        assert torch.equal(tokens, features.flatten(0, 1))
+
+
+def test_order_flag_keeps_the_compressors_own_order():
+    features = torch.randn(1, 16, 8)
+    sig = signals(1, 16)
+    _, kept = VisionZip(spatial_order=False).compress(features, [7], sig)
+    top = torch.sort(sig.attention[0], descending=True, stable=True).indices[:6].tolist()
+    assert kept[0][:6] == top
+
+
+def test_uniform_is_an_even_stride():
+    _, kept = Uniform().compress(torch.randn(1, 16, 2), [4])
+    assert kept == [[2, 6, 10, 14]]
+
+
+def test_random_is_seeded():
+    features = torch.randn(2, 16, 2)
+    assert Random(seed=1).compress(features, [5, 5])[1] == Random(seed=1).compress(features, [5, 5])[1]
+    assert Random(seed=1).compress(features, [5, 5])[1] != Random(seed=2).compress(features, [5, 5])[1]
+
+
+def test_visionzip_without_signals_is_a_clear_error():
+    with pytest.raises(ValueError, match="attention"):
+        VisionZip().compress(torch.randn(1, 16, 2), [4])
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5])
+def test_bad_retention(bad):
+    with pytest.raises(ValueError, match="retention"):
+        VisionZip(retention=bad)
+    with pytest.raises(ValueError, match="retention"):
+        DyToK(Uniform(), retention=bad)
+
+
+def test_dytok_checks_its_arguments():
+    with pytest.raises(TypeError, match="base compressor"):
+        DyToK("visionzip")
+    with pytest.raises(ValueError, match="guide"):
+        DyToK(Uniform(), guide="other")
+    with pytest.raises(ValueError, match="cap"):
+        DyToK(Uniform(), cap=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        DyToK(Uniform(), cap=17).budgets([1, 1], 4, 16)
+    with pytest.raises(ValueError, match="Full"):
+        Full(retention=0.5)
+    assert DyToK(VisionZip(retention=0.3)).retention == 0.3
+    assert DyToK(VisionZip(retention=0.3), retention=0.1).retention == 0.1
+
+
+def test_vision_signals_match_eager_reference(model):
+    """Attention received and mean keys, pooled, against SigLIP's own eager attention weights."""
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    adapter = adapter_for(model)
+    features, _, sig = adapter.encode_video(pixels, signals=True)
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    try:
+        out = tower(pixels, output_attentions=True, output_hidden_states=True)
+    finally:
+        tower.set_attn_implementation("sdpa")
+    received = out.attentions[-1].double().mean(dim=(1, 2))  # [F, N]: mean over heads and queries
+    grid = int(math.isqrt(received.shape[1]))
+    pooled = torch.nn.functional.interpolate(received.reshape(2, 1, grid, grid), size=(grid // 2, grid // 2), mode="bilinear")
+    torch.testing.assert_close(sig.attention.double(), pooled.reshape(2, -1), atol=1e-6, rtol=1e-5)
+    assert sig.metric.shape[:2] == features.shape[:2]

@@ -1,0 +1,212 @@
+import pytest
+import torch
+
+import vidtok
+from vidtok import DyToK, Full, Random, Uniform, VisionZip, adapter_for, generate, prepare
+from vidtok.toy import build_toy_model
+
+from helpers import FRAMES, assert_unchanged, snapshot
+
+Q = "what shape is red ?"
+FULL_METHODS = [
+    None,
+    Full(),
+    Uniform(retention=1.0),
+    Random(retention=1.0),
+    VisionZip(retention=1.0),
+    DyToK(VisionZip(retention=1.0)),
+]
+
+
+def unmodified_inputs(model, tokenizer, pixels):
+    adapter = adapter_for(model)
+    ids = adapter.input_ids(tokenizer, Q, FRAMES * adapter.tokens_per_frame + 1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels[None]}
+
+
+@pytest.mark.parametrize("method", FULL_METHODS, ids=str)
+def test_retention_one_reproduces_the_unmodified_model_exactly(model, tokenizer, pixels, method):
+    reference = unmodified_inputs(model, tokenizer, pixels)
+    with torch.no_grad():
+        expected_logits = model(**reference).logits
+        expected_tokens = model.generate(**reference, max_new_tokens=6, do_sample=False)
+    prepared = prepare(model, tokenizer, pixels, Q, method)
+    with torch.no_grad():
+        logits = model(**prepared.inputs).logits
+    assert torch.equal(logits, expected_logits)
+    result = generate(model, tokenizer, pixels, Q, method, max_new_tokens=6, do_sample=False)
+    assert torch.equal(result.sequences, expected_tokens)
+    assert result.plan.visual_tokens_kept == result.plan.visual_tokens_in
+
+
+@pytest.mark.parametrize(
+    "method",
+    [Uniform(0.3), Random(0.2, seed=4), VisionZip(0.25), DyToK(VisionZip(0.25)), DyToK(Uniform(0.4), layers="1-2", floor=1)],
+    ids=str,
+)
+def test_kept_tokens_and_placeholders_follow_the_budgets(model, tokenizer, pixels, method):
+    prepared = prepare(model, tokenizer, pixels, Q, method)
+    plan = prepared.plan
+    adapter = adapter_for(model)
+    assert plan.total_budget == round(method.retention * FRAMES * adapter.tokens_per_frame + 1e-9)
+    assert sum(plan.budgets) == plan.total_budget == plan.visual_tokens_kept
+    assert [len(k) for k in plan.kept] == plan.budgets
+    placeholders = int((prepared.inputs["input_ids"] == model.config.video_token_id).sum())
+    assert placeholders == sum(plan.budgets) + 1
+    with torch.no_grad():
+        out = model(**prepared.inputs)
+    assert torch.isfinite(out.logits).all()
+    if isinstance(method, DyToK):
+        assert plan.frame_weights is not None and abs(sum(plan.frame_weights) - 1) < 1e-5
+        if method.floor:
+            assert min(plan.budgets) >= method.floor
+
+
+def test_compressed_tokens_are_the_kept_features(model, tokenizer, pixels):
+    """Uniform keeps features unchanged: what reaches the LLM is exactly features[f, kept[f]]."""
+    features, newline, _ = adapter_for(model).encode_video(pixels)
+    prepared = prepare(model, tokenizer, pixels, Q, Uniform(0.25))
+    expected = torch.cat([features[f, k] for f, k in enumerate(prepared.plan.kept)] + [newline])
+    got = prepared.inputs["mm_encoder_outputs"]["video"].pooler_output[0]
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("base", [Uniform(0.3), VisionZip(0.25), Random(0.4, seed=2)], ids=str)
+def test_dytok_with_uniform_weights_equals_the_base_alone(model, tokenizer, pixels, base, monkeypatch):
+    import vidtok.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "frame_weights", lambda token_weights, frames: torch.full((frames,), 1.0 / frames))
+    alone = prepare(model, tokenizer, pixels, Q, base)
+    wrapped = prepare(model, tokenizer, pixels, Q, DyToK(base))
+    assert wrapped.plan.budgets == alone.plan.budgets
+    assert wrapped.plan.kept == alone.plan.kept
+    assert torch.equal(wrapped.inputs["input_ids"], alone.inputs["input_ids"])
+    assert torch.equal(
+        wrapped.inputs["mm_encoder_outputs"]["video"].pooler_output, alone.inputs["mm_encoder_outputs"]["video"].pooler_output
+    )
+
+
+def test_dytok_budgets_follow_the_guide(model, tokenizer, pixels, monkeypatch):
+    import vidtok.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "frame_weights", lambda token_weights, frames: torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    plan = prepare(model, tokenizer, pixels, Q, DyToK(Uniform(0.5))).plan
+    assert plan.budgets == [16, 6, 5, 5]
+
+
+@pytest.mark.parametrize("method", [VisionZip(0.25), DyToK(VisionZip(0.25)), Full()], ids=str)
+def test_model_unchanged_after_call(model, tokenizer, pixels, method):
+    before = snapshot(model)
+    generate(model, tokenizer, pixels, Q, method, max_new_tokens=2)
+    assert_unchanged(model, before)
+
+
+def test_model_unchanged_after_a_call_that_raised(model, tokenizer, pixels, monkeypatch):
+    import vidtok.compressors.visionzip as vz
+
+    before = snapshot(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    # raise inside the guide pass, while the capture implementation is switched on
+    with pytest.raises(ValueError):
+        prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), layers=[7]))
+    monkeypatch.setattr(vidtok.models.llava_onevision, "last_token_attention", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25)))
+    monkeypatch.setattr(vz, "visionzip_frame", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        prepare(model, tokenizer, pixels, Q, VisionZip(0.25))
+    assert_unchanged(model, before)
+
+
+def test_two_models_do_not_affect_each_other(model, assistant, tokenizer, pixels):
+    before = snapshot(assistant)
+    with torch.no_grad():
+        alone = assistant(**unmodified_inputs(assistant, tokenizer, pixels)).logits
+    prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25)))
+    with torch.no_grad():
+        after = assistant(**unmodified_inputs(assistant, tokenizer, pixels)).logits
+    assert torch.equal(alone, after)
+    assert_unchanged(assistant, before)
+
+
+def test_assistant_guide(model, assistant, tokenizer, pixels):
+    before_main, before_assistant = snapshot(model), snapshot(assistant)
+    result = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=assistant, layers=[1]), max_new_tokens=2)
+    assert result.plan.guide == "assistant" and result.plan.guide_layers == [1]
+    self_guided = prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), layers=[1])).plan
+    assert self_guided.frame_weights != result.plan.frame_weights
+    assert "assistant" not in dict(model.named_modules())  # never attached to the main model
+    assert_unchanged(model, before_main)
+    assert_unchanged(assistant, before_assistant)
+
+
+def test_assistant_with_another_frame_layout_is_refused(model, tokenizer, pixels):
+    other = build_toy_model("test", seed=1, image_size=32)
+    with pytest.raises(ValueError, match="tokens_per_frame"):
+        prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=other))
+
+
+def test_assistant_of_another_family_is_refused(model, tokenizer, pixels):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    text_only = Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
+    with pytest.raises(vidtok.UnsupportedModelError, match="supported: llava_onevision"):
+        prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=text_only))
+    with pytest.raises(vidtok.UnsupportedModelError):
+        prepare(text_only, tokenizer, pixels, Q, VisionZip(0.25))
+
+
+def test_sampled_generation_runs(model, tokenizer, pixels):
+    torch.manual_seed(0)
+    result = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25)), max_new_tokens=4, do_sample=True, top_k=5)
+    prompt = prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25))).inputs["input_ids"].shape[1]
+    assert prompt < result.sequences.shape[1] <= prompt + 4
+
+
+def test_uint8_frames_and_files_are_accepted(model, tokenizer, frames_uint8, tmp_path):
+    from vidtok.video import write_video
+
+    from_array = prepare(model, tokenizer, frames_uint8, Q, Uniform(0.5)).plan
+    path = tmp_path / "clip.mp4"
+    write_video(path, frames_uint8)
+    from_file = prepare(model, tokenizer, path, Q, Uniform(0.5), frames=FRAMES).plan
+    assert from_array.frames == from_file.frames == FRAMES
+
+
+@pytest.mark.parametrize(
+    "video, kwargs, message",
+    [
+        (torch.zeros(0, 3, 64, 64), {}, "zero frames"),
+        (torch.zeros(4, 3, 32, 32), {}, "pixel values"),
+        ("/nonexistent.mp4", {"frames": 4}, "no video file"),
+    ],
+)
+def test_bad_video_input(model, tokenizer, video, kwargs, message):
+    with pytest.raises(vidtok.VideoError, match=message):
+        prepare(model, tokenizer, video, Q, Uniform(0.5), **kwargs)
+
+
+def test_too_many_frames_and_empty_question(model, tokenizer, frames_uint8, tmp_path):
+    from vidtok.video import write_video
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, frames_uint8)
+    with pytest.raises(vidtok.VideoError, match="ask for 4 frames or fewer"):
+        prepare(model, tokenizer, path, Q, Uniform(0.5), frames=8)
+    with pytest.raises(ValueError, match="question"):
+        prepare(model, tokenizer, path, "  ", Uniform(0.5), frames=4)
+    with pytest.raises(TypeError, match="method"):
+        prepare(model, tokenizer, path, Q, "visionzip", frames=4)
+
+
+def test_tiny_retention_is_an_error(model, tokenizer, pixels):
+    with pytest.raises(ValueError, match="keeps no token"):
+        prepare(model, tokenizer, pixels, Q, Uniform(0.001))
+
+
+def test_floor_larger_than_budget_is_an_error(model, tokenizer, pixels):
+    with pytest.raises(ValueError, match="below"):
+        prepare(model, tokenizer, pixels, Q, DyToK(Uniform(0.1), floor=4))
