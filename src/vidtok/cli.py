@@ -56,45 +56,60 @@ def build_method(name: str, retention: float, guide: str, assistant=None, layers
     return DyToK(base, guide="self" if guide == "self" else assistant, layers=layers, cap=cap, floor=floor)
 
 
-def cmd_run(args) -> int:
-    from . import pipeline
-    from .toy import calibrated_layers, default_question, default_video, load_default
+def _load(args):
+    """(model, tokenizer, assistant or None, note or None) from --model/--assistant, else the shipped toy pair."""
+    from .toy import load_default
 
-    note = None
+    note, assistant = None, None
     if args.model is None:
-        model, tokenizer, default_assistant, note = load_default()
-        if args.assistant is None:
-            args.assistant_model = default_assistant
+        model, tokenizer, assistant, note = load_default()
     else:
         model, tokenizer = load_model(args.model)
-    assistant = getattr(args, "assistant_model", None)
-    if args.assistant is not None:
+    if getattr(args, "assistant", None) is not None:
         assistant, assistant_tokenizer = load_model(args.assistant)
         if assistant_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"the assistant's tokenizer ({args.assistant}) differs from the main model's; use an assistant of the same family")
+    return model, tokenizer, assistant, note
+
+
+def _method(args, model, assistant):
+    from .toy import calibrated_layers
+
     guide = args.guide or ("none" if args.method == "full" else "assistant" if assistant is not None else "self")
+    guide_model = model if guide == "self" else assistant
+    layers = args.layers if args.layers is not None else (calibrated_layers(guide_model) if guide != "none" else None)
+    return build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed)
+
+
+def _video_and_question(args):
+    from .toy import default_question, default_video
+
     video = args.video or default_video()
     question = args.question or (default_question() if args.video is None else None)
     if question is None:
         raise UsageError("give a QUESTION after the VIDEO")
-    guide_model = model if guide == "self" else assistant
-    layers = args.layers if args.layers is not None else (calibrated_layers(guide_model) if guide != "none" else None)
-    method = build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed)
-    frames = args.frames or (16 if args.video is None else 32)
-    gen = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+    return video, question, args.frames or (16 if args.video is None else 32)
+
+
+def cmd_run(args) -> int:
+    from . import pipeline
+
+    model, tokenizer, assistant, note = _load(args)
+    method = _method(args, model, assistant)
+    video, question, frames = _video_and_question(args)
     if args.sample:
         import torch
 
         torch.manual_seed(args.seed)
-    result = pipeline.generate(model, tokenizer, video, question, method, frames=frames, **gen)
-    plan = result.plan
+    result = pipeline.generate(
+        model, tokenizer, video, question, method, frames=frames, max_new_tokens=args.max_new_tokens, do_sample=args.sample
+    )
     record = {
         "answer": result.text,
         "question": question,
         "video": str(video),
         "model": args.model or "default toy model",
-        **{k: v for k, v in plan.to_dict().items() if k != "kept"},
-        "kept": plan.kept,
+        **result.plan.to_dict(),
     }
     if note:
         record["note"] = note
@@ -102,6 +117,82 @@ def cmd_run(args) -> int:
         print(json.dumps(record))
     else:
         _report(record)
+    return 0
+
+
+def cmd_viz(args) -> int:
+    from . import pipeline
+    from .viz import render
+
+    model, tokenizer, assistant, note = _load(args)
+    method = _method(args, model, assistant)
+    video, question, frames = _video_and_question(args)
+    adapter_pixels = pipeline.load_pixels(video, frames, *_pixel_spec(model))
+    result = pipeline.generate(model, tokenizer, adapter_pixels, question, method, max_new_tokens=args.max_new_tokens)
+    render(adapter_pixels, result.plan, question, result.text, args.out)
+    print(f"wrote {args.out}" + (f" ({note})" if note else ""))
+    return 0
+
+
+def _pixel_spec(model):
+    from .models import adapter_for
+
+    adapter = adapter_for(model)
+    return adapter.image_size, adapter.image_mean, adapter.image_std
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import EvalConfig, evaluate
+
+    model, tokenizer, assistant, note = _load(args)
+    if note:
+        raise UsageError(f"nothing to evaluate: {note}")
+    split = Path(args.split)
+    model_name = Path(args.model).name if args.model else "toy-main"
+    out = args.out or f"runs/eval/{split.stem if split.is_file() else split.name}-{model_name}"
+    config = EvalConfig(
+        split=str(split),
+        out=out,
+        methods=args.methods.split(","),
+        guides=args.guides.split(","),
+        retentions=[float(r) for r in args.retentions.split(",")],
+        layers=args.layers,
+        limit=args.limit,
+        seed=args.seed,
+    )
+    summaries = evaluate(config, model, tokenizer, assistant, progress=not args.quiet)
+    print(f"{'method':<10} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7}")
+    for s in summaries:
+        ci = f"[{100 * s['accuracy_ci95'][0]:.1f}, {100 * s['accuracy_ci95'][1]:.1f}]"
+        kept = "-" if s["needle_survival"] is None else f"{100 * s['needle_survival']:.1f}%"
+        print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} {100 * s['accuracy']:>8.1f}% {ci:>15} {kept:>12} {s['mean_kept_tokens']:>7.1f}")
+    print(f"results in {out}/ (summary.json, accuracy.png)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .analysis import calibrate, plot_prior
+    from .synth import read_split
+
+    model, tokenizer = load_model(args.model) if args.model else _load(args)[:2]
+    records = read_split(args.split)[: args.limit]
+    folder = None if args.dry_run else (args.model or model.name_or_path)
+    result = calibrate(model, tokenizer, records, folder)
+    for row in result["prior"]["layers"]:
+        print(f"layer {row['layer']:>2}: needle mass {row['needle_mass']:.3f} (uniform {row['uniform_share']:.3f}), "
+              f"argmax hit {row['argmax_hit_rate']:.2f}, first+last {row['first_last_share']:.3f}")
+    print(f"chosen guide layers: {result['guide_layers']}" + (f" (stored in {folder}/vidtok.json)" if folder else ""))
+    if args.plot:
+        plot_prior(result["prior"], args.plot, Path(str(args.model or model.name_or_path)).name)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .synth import write_split
+
+    path = write_split(args.out, args.seed, args.count, frames=args.frames, needles=args.needles)
+    print(f"wrote {args.count} videos and {path}")
     return 0
 
 
@@ -135,16 +226,54 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidtok", description="DyToK token compression for Video LLMs")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def video_args(q):
+        q.add_argument("video", nargs="?", help="video file (default: the shipped sample)")
+        q.add_argument("question", nargs="?", help="question (default: the sample's)")
+        q.add_argument("--model", help="model folder (default: the shipped toy model)")
+        q.add_argument("--frames", type=int, help="frames to sample uniformly (default 32; 16 for the sample)")
+        q.add_argument("--max-new-tokens", type=int, default=16)
+        _add_method_args(q)
+
     run = sub.add_parser("run", help="answer a question about a video")
-    run.add_argument("video", nargs="?", help="video file (default: the shipped sample)")
-    run.add_argument("question", nargs="?", help="question (default: the sample's)")
-    run.add_argument("--model", help="model folder (default: the shipped toy model)")
-    run.add_argument("--frames", type=int, help="frames to sample uniformly (default 32; 16 for the sample)")
-    run.add_argument("--max-new-tokens", type=int, default=16)
+    video_args(run)
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     run.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_method_args(run)
     run.set_defaults(func=cmd_run)
+
+    viz = sub.add_parser("viz", help="one PNG: frames, importance, budgets and kept tokens")
+    video_args(viz)
+    viz.add_argument("--out", default="vidtok-viz.png", help="PNG to write (default vidtok-viz.png)")
+    viz.set_defaults(func=cmd_viz)
+
+    ev = sub.add_parser("eval", help="methods x guides x retentions over a split (JSONL + mp4)")
+    ev.add_argument("split", help="questions.jsonl or its folder")
+    ev.add_argument("--model", help="model folder (default: the shipped toy model)")
+    ev.add_argument("--assistant", help="assistant model folder (default: the shipped toy assistant)")
+    ev.add_argument("--methods", default="visionzip,uniform,random")
+    ev.add_argument("--guides", default="none,self,assistant")
+    ev.add_argument("--retentions", default="0.0625,0.125,0.25,0.5")
+    ev.add_argument("--layers", help="guide layers for every run (default: calibrated per guide)")
+    ev.add_argument("--limit", type=int, help="first N questions only")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="pick a guide's layers from a labelled split; store them with the model")
+    cal.add_argument("split", help="labelled questions.jsonl (with needle_frame) or its folder")
+    cal.add_argument("--model", help="guide model folder (default: the shipped toy model)")
+    cal.add_argument("--limit", type=int)
+    cal.add_argument("--plot", help="also write the per-layer prior as a PNG here")
+    cal.add_argument("--dry-run", action="store_true", help="report only; do not write vidtok.json")
+    cal.set_defaults(func=cmd_calibrate)
+
+    syn = sub.add_parser("synth", help="write a synthetic needle split (mp4 + questions.jsonl)")
+    syn.add_argument("out")
+    syn.add_argument("--count", type=int, default=200)
+    syn.add_argument("--seed", type=int, default=1)
+    syn.add_argument("--frames", type=int, default=16)
+    syn.add_argument("--needles", type=int, default=2)
+    syn.set_defaults(func=cmd_synth)
     return p
 
 

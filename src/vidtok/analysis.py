@@ -1,0 +1,108 @@
+"""Where does the keyframe prior live? Per guide layer, on a labelled split:
+
+- mass: mean last-token attention weight of the ground-truth needle frame (uniform share = 1/F);
+- hit rate: how often the needle frame gets the largest weight;
+- outlier share: weight of the first and last frames (the paper's temporal attention outliers).
+
+`calibrate` picks the contiguous layer range whose averaged frame weights put the most mass on
+the needle frame, and stores it beside the model's config (vidtok.json), where `vidtok run`
+and `vidtok eval` find it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .importance import frame_weights
+
+
+@torch.no_grad()
+def layer_frame_weights(model, tokenizer, records) -> list[torch.Tensor]:
+    """[layers, F] frame weights per record, every layer of the model as guide."""
+    from .models import adapter_for
+    from .pipeline import load_pixels
+
+    adapter = adapter_for(model)
+    every = list(range(adapter.num_layers))
+    out = []
+    for record in records:
+        pixels = load_pixels(record["video"], record.get("frames"), adapter.image_size, adapter.image_mean, adapter.image_std)
+        features, newline, _ = adapter.encode_video(pixels)
+        ids = adapter.input_ids(tokenizer, record["question"], features.shape[0] * adapter.tokens_per_frame + 1)
+        tokens = adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), every)
+        out.append(torch.stack([frame_weights(tokens[i : i + 1], features.shape[0]) for i in every]))
+    return out
+
+
+def prior_report(weights: list[torch.Tensor], records) -> dict:
+    layers = weights[0].shape[0]
+    report = {"layers": [], "samples": len(records)}
+    for layer in range(layers):
+        mass = hit = outlier = uniform = 0.0
+        for w, record in zip(weights, records):
+            row, target = w[layer], record["needle_frame"]
+            mass += float(row[target])
+            hit += float(int(row.argmax()) == target)
+            outlier += float(row[0] + row[-1])
+            uniform += 1.0 / row.numel()
+        n = len(records)
+        report["layers"].append(
+            {"layer": layer, "needle_mass": mass / n, "uniform_share": uniform / n, "argmax_hit_rate": hit / n, "first_last_share": outlier / n}
+        )
+    return report
+
+
+def best_range(weights: list[torch.Tensor], records) -> tuple[list[int], dict]:
+    layers = weights[0].shape[0]
+    scores = {}
+    for a in range(layers):
+        for b in range(a, layers):
+            total = 0.0
+            for w, record in zip(weights, records):
+                avg = w[a : b + 1].mean(0)
+                total += float(avg[record["needle_frame"]] / avg.sum())
+            scores[f"{a}-{b}"] = total / len(records)
+    best = max(scores, key=lambda k: (round(scores[k], 6), -int(k.split("-")[0])))
+    a, b = map(int, best.split("-"))
+    return list(range(a, b + 1)), scores
+
+
+def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> dict:
+    from .toy import CALIBRATION_FILE
+
+    if not records or any("needle_frame" not in r for r in records):
+        raise ValueError("calibration needs a labelled split: every record with a needle_frame")
+    weights = layer_frame_weights(model, tokenizer, records)
+    layers, scores = best_range(weights, records)
+    result = {"guide_layers": layers, "range_scores": scores, "prior": prior_report(weights, records)}
+    if folder is not None:
+        Path(folder, CALIBRATION_FILE).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def plot_prior(report: dict, path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["layers"]
+    xs = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r["needle_mass"] for r in rows], "o-", label="attention mass on the needle frame")
+    ax.plot(xs, [r["argmax_hit_rate"] for r in rows], "s--", label="needle frame is the argmax")
+    ax.plot(xs, [r["first_last_share"] for r in rows], "^:", label="first + last frame share")
+    ax.plot(xs, [r["uniform_share"] for r in rows], color="gray", linestyle="-.", label="uniform share (1/F)")
+    ax.set_xticks(xs)
+    ax.set_xlabel("guide layer")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{title}: last-token attention per layer ({report['samples']} questions)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

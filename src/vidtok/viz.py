@@ -1,0 +1,63 @@
+"""`vidtok viz`: one picture of a call: frames, frame importance, budgets, kept tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def render(pixels, plan, question: str, answer: str, path: str | Path, grid: int | None = None) -> None:
+    """pixels [F, 3, S, S] (normalised to [-1, 1]) and a Plan -> PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    frames = plan.frames
+    side = grid or int(round(plan.tokens_per_frame**0.5))
+    images = ((pixels.float().permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
+    cols = min(frames, 16)
+    rows = int(np.ceil(frames / cols))
+    fig = plt.figure(figsize=(1.1 * cols + 1, 1.3 * rows + 3.2))
+    spec = fig.add_gridspec(rows + 2, cols, height_ratios=[1.1] * rows + [1.3, 0.4])
+    size = images.shape[1]
+    cell = size / side
+    for f in range(frames):
+        ax = fig.add_subplot(spec[f // cols, f % cols])
+        ax.imshow(images[f], alpha=0.45)
+        kept = set(plan.kept[f])
+        for t in range(plan.tokens_per_frame):
+            r, c = divmod(t, side)
+            if t in kept:
+                ax.imshow(images[f, int(r * cell) : int((r + 1) * cell), int(c * cell) : int((c + 1) * cell)],
+                          extent=(c * cell - 0.5, (c + 1) * cell - 0.5, (r + 1) * cell - 0.5, r * cell - 0.5))
+                ax.add_patch(Rectangle((c * cell - 0.5, r * cell - 0.5), cell, cell, fill=False, edgecolor="lime", linewidth=0.8))
+        ax.set_xlim(-0.5, size - 0.5)
+        ax.set_ylim(size - 0.5, -0.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{f}: {plan.budgets[f]}", fontsize=7)
+    bars = fig.add_subplot(spec[rows, :])
+    xs = np.arange(frames)
+    if plan.frame_weights is not None:
+        bars.bar(xs - 0.2, plan.frame_weights, width=0.4, color="tab:blue", label="frame importance")
+    bars.set_ylabel("importance", fontsize=8)
+    twin = bars.twinx()
+    twin.bar(xs + 0.2, plan.budgets, width=0.4, color="tab:green", label="tokens kept")
+    twin.set_ylabel("tokens kept", fontsize=8)
+    twin.set_ylim(0, plan.tokens_per_frame)
+    bars.set_xticks(xs)
+    bars.set_xlim(-0.6, frames - 0.4)
+    bars.set_xlabel("frame")
+    handles = bars.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    bars.legend(handles=handles, fontsize=7, loc="upper left")
+    text = fig.add_subplot(spec[rows + 1, :])
+    text.axis("off")
+    guide = f" + DyToK ({plan.guide} guide, layers {plan.guide_layers})" if plan.guide else ""
+    text.text(0, 0.5, f"Q: {question}   A: {answer}   |   {plan.method}{guide}, retention {plan.retention:g}: "
+              f"{plan.visual_tokens_kept}/{plan.visual_tokens_in} tokens (green boxes = kept)", fontsize=9, va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
