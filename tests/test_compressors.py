@@ -127,7 +127,8 @@ def test_vision_signals_match_eager_reference(model):
     """Attention received and mean keys, pooled, against SigLIP's own eager attention weights."""
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     adapter = adapter_for(model)
-    features, _, sig = adapter.encode_video(pixels, signals=True)
+    encoded = adapter.encode_video(pixels, signals=True)
+    features, _, sig = encoded.features, encoded.newline, encoded.signals
     tower = model.model.vision_tower
     tower.set_attn_implementation("eager")
     try:

@@ -32,7 +32,8 @@ def reference_weights(model, tokenizer, pixels, layers):
 @pytest.mark.parametrize("layers", [[0], [2], [0, 1, 2], [1, 2]])
 def test_capture_matches_eager_reference(model, tokenizer, pixels, layers):
     adapter = adapter_for(model)
-    features, newline, _ = adapter.encode_video(pixels)
+    encoded = adapter.encode_video(pixels)
+    features, newline, _ = encoded.features, encoded.newline, encoded.signals
     ids = adapter.input_ids(tokenizer, QUESTION, FRAMES * adapter.tokens_per_frame + 1)
     token_weights = adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), layers)
     ours = frame_weights(token_weights, FRAMES)
@@ -43,7 +44,8 @@ def test_capture_matches_eager_reference(model, tokenizer, pixels, layers):
 
 def test_guide_pass_stops_at_deepest_layer_and_skips_lm_head(model, tokenizer, pixels):
     adapter = adapter_for(model)
-    features, newline, _ = adapter.encode_video(pixels)
+    encoded = adapter.encode_video(pixels)
+    features, newline, _ = encoded.features, encoded.newline, encoded.signals
     ids = adapter.input_ids(tokenizer, QUESTION, FRAMES * adapter.tokens_per_frame + 1)
     ran = []
     layers = model.model.language_model.layers
@@ -62,7 +64,8 @@ def test_guide_pass_stops_at_deepest_layer_and_skips_lm_head(model, tokenizer, p
 def test_capture_leaves_model_unchanged(model, tokenizer, pixels):
     before = snapshot(model)
     adapter = adapter_for(model)
-    features, newline, _ = adapter.encode_video(pixels, signals=True)
+    encoded = adapter.encode_video(pixels, signals=True)
+    features, newline, _ = encoded.features, encoded.newline, encoded.signals
     ids = adapter.input_ids(tokenizer, QUESTION, FRAMES * adapter.tokens_per_frame + 1)
     adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), [0, 2])
     assert_unchanged(model, before)
@@ -98,8 +101,10 @@ def test_importance_from_assistant_uses_its_own_weights(tokenizer, pixels):
     main, other = build_toy_model("test", seed=0), build_toy_model("test", seed=1)
     a, b = adapter_for(main), adapter_for(other)
     ids = a.input_ids(tokenizer, QUESTION, FRAMES * a.tokens_per_frame + 1)
-    fa, na, _ = a.encode_video(pixels)
-    fb, nb, _ = b.encode_video(pixels)
+    encoded = a.encode_video(pixels)
+    fa, na, _ = encoded.features, encoded.newline, encoded.signals
+    encoded = b.encode_video(pixels)
+    fb, nb, _ = encoded.features, encoded.newline, encoded.signals
     wa = a.token_attention(ids, torch.cat([fa.flatten(0, 1), na]), [2])
     wb = b.token_attention(ids, torch.cat([fb.flatten(0, 1), nb]), [2])
     assert not torch.allclose(wa, wb)

@@ -64,7 +64,8 @@ def test_kept_tokens_and_placeholders_follow_the_budgets(model, tokenizer, pixel
 
 def test_compressed_tokens_are_the_kept_features(model, tokenizer, pixels):
     """Uniform keeps features unchanged: what reaches the LLM is exactly features[f, kept[f]]."""
-    features, newline, _ = adapter_for(model).encode_video(pixels)
+    encoded = adapter_for(model).encode_video(pixels)
+    features, newline, _ = encoded.features, encoded.newline, encoded.signals
     prepared = prepare(model, tokenizer, pixels, Q, Uniform(0.25))
     expected = torch.cat([features[f, k] for f, k in enumerate(prepared.plan.kept)] + [newline])
     got = prepared.inputs["mm_encoder_outputs"]["video"].pooler_output[0]
@@ -210,3 +211,38 @@ def test_tiny_retention_is_an_error(model, tokenizer, pixels):
 def test_floor_larger_than_budget_is_an_error(model, tokenizer, pixels):
     with pytest.raises(ValueError, match="below"):
         prepare(model, tokenizer, pixels, Q, DyToK(Uniform(0.1), floor=4))
+
+
+def test_shared_vision_tower_is_run_once_with_the_same_result(model, assistant, tokenizer, pixels):
+    assistant.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+    calls = []
+    handles = [m.model.vision_tower.register_forward_hook(lambda *a: calls.append(1)) for m in (model, assistant)]
+    try:
+        shared = prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=assistant, layers=[2])).plan
+        assert len(calls) == 1
+        calls.clear()
+        separate = prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=assistant, layers=[2], share_vision=False)).plan
+        assert len(calls) == 2
+    finally:
+        for h in handles:
+            h.remove()
+    assert shared.budgets == separate.budgets
+    torch.testing.assert_close(torch.tensor(shared.frame_weights), torch.tensor(separate.frame_weights), atol=1e-6, rtol=0)
+
+
+def test_different_vision_towers_are_not_shared(model, assistant):
+    assert not adapter_for(model).same_vision_tower(adapter_for(assistant))
+    assert adapter_for(model).same_vision_tower(adapter_for(model))
+
+
+def test_coarse_guide_grid(model, tokenizer, pixels):
+    adapter = adapter_for(model)
+    features = torch.randn(2, 16, 3)
+    pooled = adapter.pool_frames(features, 2)
+    grid = features.reshape(2, 4, 4, 3)
+    assert torch.allclose(pooled[:, 0], grid[:, :2, :2].mean(dim=(1, 2)))
+    assert torch.allclose(pooled[:, 3], grid[:, 2:, 2:].mean(dim=(1, 2)))
+    plan = prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide_pool=2)).plan
+    assert sum(plan.budgets) == plan.total_budget and len(plan.frame_weights) == FRAMES
+    with pytest.raises(ValueError, match="guide_pool"):
+        prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide_pool=3))

@@ -30,7 +30,8 @@ def layer_frame_weights(model, tokenizer, records) -> list[torch.Tensor]:
     out = []
     for record in records:
         pixels = load_pixels(record["video"], record.get("frames"), adapter.image_size, adapter.image_mean, adapter.image_std)
-        features, newline, _ = adapter.encode_video(pixels)
+        encoded = adapter.encode_video(pixels)
+        features, newline, _ = encoded.features, encoded.newline, encoded.signals
         ids = adapter.input_ids(tokenizer, record["question"], features.shape[0] * adapter.tokens_per_frame + 1)
         tokens = adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), every)
         out.append(torch.stack([frame_weights(tokens[i : i + 1], features.shape[0]) for i in every]))

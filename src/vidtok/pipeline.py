@@ -112,14 +112,22 @@ def _guide_adapter(dytok: DyToK, adapter):
     return guide
 
 
-def _guide_weights(guide, main, layers, tokenizer, question, pixels, features, newline, timer) -> torch.Tensor:
-    """Frame weights [F] from the guide's last-token attention on the full, uncompressed prompt."""
-    frames = features.shape[0]
+def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, encoded, timer) -> torch.Tensor:
+    """Frame weights [F] from the guide's last-token attention on the uncompressed prompt."""
+    frames = encoded.features.shape[0]
+    if guide is not main:  # an assistant sees the frames through its own vision tower...
+        key = (id(main.model), id(guide.model))
+        if dytok.share_vision and key not in dytok._shared:
+            dytok._shared[key] = main.same_vision_tower(guide)
+        with timer("guide_vision"):
+            # ...computed once when both models have the same tower
+            encoded = guide.project(encoded.vision_hidden) if dytok.share_vision and dytok._shared[key] else guide.encode_video(pixels)
     with timer("guide"):
-        if guide is not main:  # an assistant sees the frames through its own vision tower
-            features, newline, _ = guide.encode_video(pixels)
-        ids = guide.input_ids(tokenizer, question, frames * guide.tokens_per_frame + 1)
-        embeds = torch.cat([features.flatten(0, 1), newline])
+        features = encoded.features
+        if dytok.guide_pool > 1:
+            features = guide.pool_frames(features, dytok.guide_pool)
+        ids = guide.input_ids(tokenizer, question, frames * features.shape[1] + 1)
+        embeds = torch.cat([features.flatten(0, 1), encoded.newline])
         return frame_weights(guide.token_attention(ids, embeds, layers), frames)
 
 
@@ -149,18 +157,19 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         layers = parse_layers(dytok.layers, guide.num_layers)
 
     with timer("vision"):
-        features, newline, signals = adapter.encode_video(pixels, signals=compressing and base.needs_vision_signals)
+        encoded = adapter.encode_video(pixels, signals=compressing and base.needs_vision_signals)
+    features, newline = encoded.features, encoded.newline
 
     weights = None
     if dytok is not None and compressing:
-        weights = _guide_weights(guide, adapter, layers, tokenizer, question, pixels, features, newline, timer)
+        weights = _guide_weights(dytok, guide, adapter, layers, tokenizer, question, pixels, encoded, timer)
         budgets = dytok.budgets(weights.tolist(), budget, per_frame)
     else:
         budgets = allocate_budgets([1.0] * num_frames, budget, per_frame)
 
     with timer("compress"):
         if compressing:
-            tokens, kept = base.compress(features, budgets, signals)
+            tokens, kept = base.compress(features, budgets, encoded.signals)
         else:
             tokens, kept = features.flatten(0, 1), [list(range(per_frame))] * num_frames
         video_embeds = torch.cat([tokens, newline])

@@ -22,6 +22,11 @@ class DyToK:
     layers: Any = field(default=None, metadata={"help": "guide layers: list, range or 'A-B'; None: last third"})
     cap: int | None = field(default=None, metadata={"help": "max tokens per frame; None: all of a frame's tokens"})
     floor: int = field(default=0, metadata={"help": "min tokens per frame (temporal coverage); 0 as in the reference"})
+    guide_pool: int = field(default=1, metadata={"help": "the guide sees each frame average-pooled k x k (1: full grid)"})
+    share_vision: bool = field(
+        default=True, metadata={"help": "reuse the main model's vision tower output when the assistant's tower is identical"}
+    )
+    _shared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     name = "dytok"
 
@@ -37,6 +42,8 @@ class DyToK:
             raise ValueError(f"cap must be a positive int or None, got {self.cap!r}")
         if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:
             raise ValueError(f"floor must be a non-negative int, got {self.floor!r}")
+        if isinstance(self.guide_pool, bool) or not isinstance(self.guide_pool, int) or self.guide_pool < 1:
+            raise ValueError(f"guide_pool must be a positive int, got {self.guide_pool!r}")
 
     @property
     def guide_name(self) -> str:
@@ -49,4 +56,5 @@ class DyToK:
         return allocate_budgets(weights, total, cap, self.floor)
 
     def __str__(self) -> str:
-        return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers})"
+        pool = f", guide_pool={self.guide_pool}" if self.guide_pool != 1 else ""
+        return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers}{pool})"

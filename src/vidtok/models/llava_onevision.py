@@ -4,12 +4,21 @@ pooling to a ceil(g/2) grid per frame, flattened, one `image_newline` after the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .._seam import StopForward, observe_attention
 from ..compressors.base import FrameSignals
 from ..importance import last_token_attention
+
+
+@dataclass
+class EncodedVideo:
+    features: torch.Tensor  # [F, T, D] pooled, projected frame tokens
+    newline: torch.Tensor  # [1, D] the one token after the whole video
+    signals: FrameSignals | None
+    vision_hidden: torch.Tensor  # [F, N, hv] the vision tower's selected layer, before the projector
 
 # Fallback when a tokenizer has no chat template: the LLaVA-OV (Qwen2) format.
 DEFAULT_TEMPLATE = "<|im_start|>user <video>\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -101,8 +110,9 @@ class LlavaOnevisionAdapter:
             raise ValueError("vision_feature_layer selects the patch embeddings: there is no attention to rank tokens by")
         return layers[index].self_attn
 
-    def encode_video(self, pixel_values: torch.Tensor, signals: bool = False):
-        """[F, 3, S, S] -> (features [F, T, D], newline [1, D], FrameSignals or None).
+    def encode_video(self, pixel_values: torch.Tensor, signals: bool = False) -> EncodedVideo:
+        """[F, 3, S, S] -> features [F, T, D], newline [1, D], optional vision signals, and the
+        vision tower's selected hidden states (for a guide that shares this tower).
 
         Runs the model's own get_video_features, so features equal those of an unmodified forward.
         With `signals`, also the feature layer's attention received and mean keys, pooled to the
@@ -126,15 +136,45 @@ class LlavaOnevisionAdapter:
         else:
             out = self.inner.get_video_features(pixel_values, return_dict=True)
         pooled = out.pooler_output[0]
-        features = pooled[:-1].reshape(frames, self.tokens_per_frame, -1)
-        newline = pooled[-1:]
         frame_signals = None
         if signals:
             frame_signals = FrameSignals(
                 attention=self.inner.apply_pooling(observed["attention"][..., None])[..., 0],
                 metric=self.inner.apply_pooling(observed["metric"]),
             )
-        return features, newline, frame_signals
+        layer = self.model.config.vision_feature_layer
+        hidden = out.hidden_states[layer] if isinstance(layer, int) else torch.cat([out.hidden_states[i] for i in layer], -1)
+        return EncodedVideo(
+            features=pooled[:-1].reshape(frames, self.tokens_per_frame, -1),
+            newline=pooled[-1:],
+            signals=frame_signals,
+            vision_hidden=hidden,
+        )
+
+    def project(self, vision_hidden: torch.Tensor) -> EncodedVideo:
+        """Another model's selected vision hidden states [F, N, hv] through this model's projector
+        and pooling: what encode_video gives when the two share a vision tower."""
+        features = self.inner.apply_pooling(self.inner.multi_modal_projector(vision_hidden.to(self.dtype)))
+        return EncodedVideo(features=features, newline=self.inner.image_newline[None], signals=None, vision_hidden=vision_hidden)
+
+    def same_vision_tower(self, other) -> bool:
+        """True when `other` (an adapter) has this vision tower: the same module or equal weights."""
+        mine, theirs = self.inner.vision_tower, other.inner.vision_tower
+        if mine is theirs:
+            return True
+        if mine.config.to_dict() != theirs.config.to_dict() or self.model.config.vision_feature_layer != other.model.config.vision_feature_layer:
+            return False
+        a, b = mine.state_dict(), theirs.state_dict()
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+
+    def pool_frames(self, features: torch.Tensor, factor: int) -> torch.Tensor:
+        """[F, T, D] on the g x g grid -> [F, T / factor^2, D]: a coarser view for a cheap guide."""
+        side = math.isqrt(self.tokens_per_frame)
+        if factor < 1 or side % factor:
+            raise ValueError(f"guide_pool {factor} must divide the {side}x{side} token grid of a frame")
+        grid = features.reshape(features.shape[0], side, side, -1).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.avg_pool2d(grid, factor)
+        return pooled.permute(0, 2, 3, 1).reshape(features.shape[0], -1, features.shape[-1])
 
     # LLM -----------------------------------------------------------------------------------
 
