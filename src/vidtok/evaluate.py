@@ -151,7 +151,7 @@ def plot_accuracy(summaries: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     full = [s for s in summaries if s["method"] == "full"]
     if full:
         ax.axhline(100 * full[0]["accuracy"], color="black", linestyle=":", label="full (all tokens)")
@@ -168,13 +168,16 @@ def plot_accuracy(summaries: list[dict], path: Path) -> None:
         ax.plot(xs, ys, styles.get(guide, "-"), marker="o", color=colours.get(method), label=label)
         ax.fill_between(xs, lo, hi, color=colours.get(method), alpha=0.08)
     ax.set_xscale("log", base=2)
+    ticks = sorted({100 * s["retention"] for s in summaries if s["method"] != "full"})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("visual tokens kept (%)")
     ax.set_ylabel("accuracy (%)")
     n = summaries[0]["samples"] if summaries else 0
     ax.set_title(f"accuracy vs retention ({n} questions, 95% Wilson bands)")
     ax.set_ylim(0, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

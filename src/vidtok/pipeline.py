@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -52,20 +53,27 @@ class Result:
 
 
 class _Timer:
-    def __init__(self, seconds: dict):
+    """Adds wall time per stage into `seconds`; `sync` (torch.cuda.synchronize on a GPU) runs at
+    both ends of a stage so queued kernels are charged to the stage that launched them."""
+
+    def __init__(self, seconds: dict, sync=None):
         self.seconds = seconds
+        self.sync = sync or (lambda: None)
 
+    @contextmanager
     def __call__(self, stage: str):
-        timer = self
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
 
-            def __exit__(self, *exc):
-                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - self.start
-
-        return _Stage()
+def device_sync(device: torch.device):
+    """The synchronising call for timing on `device` (None on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else None
 
 
 def _describe(method) -> tuple[Compressor, DyToK | None]:
@@ -144,7 +152,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     base, dytok = _describe(method)
     adapter = adapter_for(model)
     seconds: dict[str, float] = {}
-    timer = _Timer(seconds)
+    timer = _Timer(seconds, device_sync(adapter.device))
     with timer("decode"):
         pixels = load_pixels(video, frames, adapter.image_size, adapter.image_mean, adapter.image_std)
     num_frames, per_frame = pixels.shape[0], adapter.tokens_per_frame
@@ -202,9 +210,8 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
     """
     prepared = prepare(model, tokenizer, video, question, method, frames=frames)
     generate_kwargs.setdefault("max_new_tokens", 32)
-    start = time.perf_counter()
-    sequences = model.generate(**prepared.inputs, **generate_kwargs)
-    prepared.plan.seconds["generate"] = time.perf_counter() - start
+    with _Timer(prepared.plan.seconds, device_sync(adapter_for(model).device))("generate"):
+        sequences = model.generate(**prepared.inputs, **generate_kwargs)
     prompt_length = prepared.inputs["input_ids"].shape[1]
     text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
     return Result(text=text, plan=prepared.plan, sequences=sequences)
