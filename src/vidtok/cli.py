@@ -1,4 +1,4 @@
-"""vidtok command line: run | eval | viz | calibrate | synth."""
+"""vidtok command line: run | eval | viz | calibrate | bench | synth."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def load_model(path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def build_method(name: str, retention: float, guide: str, assistant=None, layers=None, cap=None, floor=0, seed=0):
+def build_method(name: str, retention: float, guide: str, assistant=None, layers=None, cap=None, floor=0, seed=0, guide_pool=1):
     from .compressors import COMPRESSORS, DyToK, Full
 
     if name not in COMPRESSORS:
@@ -50,10 +50,12 @@ def build_method(name: str, retention: float, guide: str, assistant=None, layers
     kwargs = {"seed": seed} if name == "random" else {}
     base = COMPRESSORS[name](retention=0.25 if retention is None else retention, **kwargs)
     if guide == "none":
+        if guide_pool != 1:
+            raise UsageError("--guide-pool needs a guide (--guide self or assistant)")
         return base
     if guide == "assistant" and assistant is None:
         raise UsageError("--guide assistant needs --assistant PATH (an assistant model of the same family)")
-    return DyToK(base, guide="self" if guide == "self" else assistant, layers=layers, cap=cap, floor=floor)
+    return DyToK(base, guide="self" if guide == "self" else assistant, layers=layers, cap=cap, floor=floor, guide_pool=guide_pool)
 
 
 def _load(args):
@@ -78,7 +80,7 @@ def _method(args, model, assistant):
     guide = args.guide or ("none" if args.method == "full" else "assistant" if assistant is not None else "self")
     guide_model = model if guide == "self" else assistant
     layers = args.layers if args.layers is not None else (calibrated_layers(guide_model) if guide != "none" else None)
-    return build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed)
+    return build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool)
 
 
 def _video_and_question(args):
@@ -159,6 +161,7 @@ def cmd_eval(args) -> int:
         layers=args.layers,
         limit=args.limit,
         seed=args.seed,
+        guide_pool=args.guide_pool,
     )
     summaries = evaluate(config, model, tokenizer, assistant, progress=not args.quiet)
     print(f"{'method':<10} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7}")
@@ -185,6 +188,23 @@ def cmd_calibrate(args) -> int:
     if args.plot:
         plot_prior(result["prior"], args.plot, Path(str(args.model or model.name_or_path)).name)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, run_bench, table
+
+    config = BenchConfig.load(args.config)
+    if args.repeats is not None:
+        config.repeats = args.repeats
+    if args.warmup is not None:
+        config.warmup = args.warmup
+    if args.device is not None:
+        config.device = args.device
+    out = args.out or f"benchmarks/results/bench-{config.name}"
+    report = run_bench(config, out, log=(lambda *a: None) if args.quiet else print)
+    print(table(report["rows"]))
+    print(f"results in {out}/ (bench.json, bench.png)")
     return 0
 
 
@@ -219,6 +239,7 @@ def _add_method_args(p, retention_default=None):
     p.add_argument("--layers", help="guide layers, 'A-B' or 'A,B,C' (default: calibrated for the guide, else its last third)")
     p.add_argument("--cap", type=int, help="max tokens per frame (default: all of a frame's tokens)")
     p.add_argument("--floor", type=int, default=0, help="min tokens per frame (default 0)")
+    p.add_argument("--guide-pool", type=int, default=1, help="the guide sees each frame average-pooled k x k (default 1: full grid)")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and for sampling")
 
 
@@ -255,6 +276,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--layers", help="guide layers for every run (default: calibrated per guide)")
     ev.add_argument("--limit", type=int, help="first N questions only")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--guide-pool", type=int, default=1, help="guided runs: the guide sees frames pooled k x k")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
@@ -266,6 +288,15 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--plot", help="also write the per-layer prior as a PNG here")
     cal.add_argument("--dry-run", action="store_true", help="report only; do not write vidtok.json")
     cal.set_defaults(func=cmd_calibrate)
+
+    bench = sub.add_parser("bench", help="time full vs compressed side by side: stages, TTFT, memory, FLOPs")
+    bench.add_argument("config", help="bench config JSON (see benchmarks/configs/)")
+    bench.add_argument("--out", help="result folder (default benchmarks/results/bench-<name>)")
+    bench.add_argument("--repeats", type=int, help="timed repeats per configuration (median reported)")
+    bench.add_argument("--warmup", type=int, help="untimed warm-up calls per configuration")
+    bench.add_argument("--device", help="cpu, cuda or auto")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_bench)
 
     syn = sub.add_parser("synth", help="write a synthetic needle split (mp4 + questions.jsonl)")
     syn.add_argument("out")

@@ -27,6 +27,7 @@ class EvalConfig:
     layers: str | None = field(default=None, metadata={"help": "guide layers; None: calibrated or the default"})
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N samples only"})
     seed: int = 0
+    guide_pool: int = field(default=1, metadata={"help": "guided runs: the guide sees frames pooled k x k"})
 
     def __post_init__(self):
         from .budget import check_retention
@@ -49,19 +50,19 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     return (0.0 if correct == 0 else max(0.0, centre - half), 1.0 if correct == total else min(1.0, centre + half))
 
 
-def configurations(config: EvalConfig) -> list[tuple[str, str, float]]:
-    runs = [("full", "none", 1.0)]
+def configurations(config: EvalConfig) -> list[tuple[str, str, float, int]]:
+    runs = [("full", "none", 1.0, 1)]
     for method in config.methods:
         if method == "full":
             continue
         for guide in config.guides:
             for retention in config.retentions:
-                runs.append((method, guide, retention))
+                runs.append((method, guide, retention, 1 if guide == "none" else config.guide_pool))
     return runs
 
 
-def run_name(method: str, guide: str, retention: float) -> str:
-    return f"{method}-{guide}-r{retention:g}"
+def run_name(method: str, guide: str, retention: float, guide_pool: int = 1) -> str:
+    return f"{method}-{guide}" + (f"-pool{guide_pool}" if guide_pool != 1 else "") + f"-r{retention:g}"
 
 
 def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: bool = True) -> list[dict]:
@@ -80,15 +81,15 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     root = Path(config.out)
     runs = configurations(config)
     pending = [r for r in runs if not (root / run_name(*r) / "results.json").is_file()]
-    if any(g == "assistant" for _, g, _ in pending) and assistant is None:
+    if any(run[1] == "assistant" for run in pending) and assistant is None:
         raise ValueError("guide 'assistant' needs an assistant model; pass --assistant or drop it from --guides")
     adapter = adapter_for(model)
     methods = {}
-    for method, guide, retention in pending:
+    for method, guide, retention, pool in pending:
         guide_model = model if guide == "self" else assistant
         layers = config.layers if config.layers is not None else (calibrated_layers(guide_model) if guide != "none" else None)
-        methods[(method, guide, retention)] = build_method(
-            method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed
+        methods[(method, guide, retention, pool)] = build_method(
+            method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed, guide_pool=pool
         )
     rows = {r: [] for r in pending}
     for record in tqdm(records, disable=not progress or not pending, desc="eval"):
@@ -116,13 +117,14 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
                 }
             )
     for key, samples in rows.items():
-        method, guide, retention = key
+        method, guide, retention, pool = key
         correct = sum(s["correct"] for s in samples)
         survived = [s["needle_kept"] for s in samples if s["needle_kept"] is not None]
         summary = {
             "method": method,
             "guide": guide,
             "retention": retention,
+            "guide_pool": pool,
             "description": str(methods[key]),
             "guide_layers": getattr(methods[key], "layers", None),
             "samples": len(samples),
@@ -157,14 +159,17 @@ def plot_accuracy(summaries: list[dict], path: Path) -> None:
         ax.axhline(100 * full[0]["accuracy"], color="black", linestyle=":", label="full (all tokens)")
     styles = {"none": "--", "self": "-", "assistant": "-."}
     colours = {"visionzip": "tab:blue", "uniform": "tab:orange", "random": "tab:gray"}
-    groups = sorted({(s["method"], s["guide"]) for s in summaries if s["method"] != "full"})
-    for method, guide in groups:
-        pts = sorted((s["retention"], s) for s in summaries if s["method"] == method and s["guide"] == guide)
+    groups = sorted({(s["method"], s["guide"], s.get("guide_pool", 1)) for s in summaries if s["method"] != "full"})
+    for method, guide, pool in groups:
+        pts = sorted(
+            ((s["retention"], s) for s in summaries if (s["method"], s["guide"], s.get("guide_pool", 1)) == (method, guide, pool)),
+            key=lambda p: p[0],
+        )
         xs = [100 * r for r, _ in pts]
         ys = [100 * s["accuracy"] for _, s in pts]
         lo = [100 * s["accuracy_ci95"][0] for _, s in pts]
         hi = [100 * s["accuracy_ci95"][1] for _, s in pts]
-        label = method if guide == "none" else f"{method} + DyToK ({guide})"
+        label = method if guide == "none" else f"{method} + DyToK ({guide}" + (f", guide pool {pool}" if pool != 1 else "") + ")"
         ax.plot(xs, ys, styles.get(guide, "-"), marker="o", color=colours.get(method), label=label)
         ax.fill_between(xs, lo, hi, color=colours.get(method), alpha=0.08)
     ax.set_xscale("log", base=2)

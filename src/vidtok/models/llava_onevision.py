@@ -154,7 +154,7 @@ class LlavaOnevisionAdapter:
     def project(self, vision_hidden: torch.Tensor) -> EncodedVideo:
         """Another model's selected vision hidden states [F, N, hv] through this model's projector
         and pooling: what encode_video gives when the two share a vision tower."""
-        features = self.inner.apply_pooling(self.inner.multi_modal_projector(vision_hidden.to(self.dtype)))
+        features = self.inner.apply_pooling(self.inner.multi_modal_projector(vision_hidden.to(self.device, self.dtype)))
         return EncodedVideo(features=features, newline=self.inner.image_newline[None], signals=None, vision_hidden=vision_hidden)
 
     def same_vision_tower(self, other) -> bool:

@@ -1,0 +1,368 @@
+"""`vidtok bench`: where the time goes, full vs compressed, the guide's cost counted.
+
+Every configuration of one run is measured side by side in the same process, after warm-up,
+as the median of several repeats. Stages: video decode, vision encoder, guide (its own vision
+pass when it has one, and its LLM pass), compression, LLM prefill, time to first token (vision +
+guide + compression + prefill), decode tokens/s. Also peak RSS (CPU) or peak allocated memory
+(GPU) and analytic prefill FLOPs (vidtok.flops). Ratios are to `full` in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import flops
+from .pipeline import _Timer, device_sync, prepare
+
+STAGES = ("decode", "vision", "guide_vision", "guide", "compress", "prefill")
+
+
+@dataclass
+class BenchConfig:
+    name: str = field(metadata={"help": "result folder name"})
+    main: dict = field(metadata={"help": '{"toy": geometry} | {"path": folder} | {"vision": {...}, "text": {...}}'})
+    guide: dict | None = field(default=None, metadata={"help": "assistant geometry, as main; share_vision: copy main's tower"})
+    frames: int = 32
+    runs: list = field(default_factory=lambda: [{"method": "full"}, {"method": "visionzip", "guide": "none", "retentions": [0.25, 0.1]}])
+    repeats: int = 3
+    warmup: int = 1
+    decode_tokens: int = 8
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def load(cls, path) -> "BenchConfig":
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown bench config keys {sorted(unknown)} in {path}; allowed: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+def build_model(spec: dict, seed: int, dtype, device, vision_from=None):
+    from transformers import AutoModelForImageTextToText, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from .toy import SPECIALS, build_toy_model
+
+    if "path" in spec:
+        return AutoModelForImageTextToText.from_pretrained(spec["path"], dtype=dtype).to(device).eval()
+    if "toy" in spec:
+        model = build_toy_model(spec["toy"], seed=seed)
+    else:
+        vision = {"model_type": "siglip_vision_model", "vision_use_head": False, **(spec.get("vision") or (vision_from or {}))}
+        text = {"model_type": "qwen2", "tie_word_embeddings": True, **spec["text"]}
+        config = LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=text,
+            video_token_index=SPECIALS.index("<video>"),
+            image_token_index=SPECIALS.index("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            tie_word_embeddings=True,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlavaOnevisionForConditionalGeneration(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class PeakMemory:
+    """Peak process RSS (sampled every 10 ms from /proc) on CPU; peak allocated memory on CUDA."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(0.01)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+
+
+def expand_runs(config: BenchConfig) -> list[dict]:
+    rows = []
+    for run in config.runs:
+        method = run["method"]
+        retentions = [1.0] if method == "full" else run.get("retentions", [0.25])
+        for r in retentions:
+            rows.append(
+                {
+                    "method": method,
+                    "guide": run.get("guide", "none") if method != "full" else "none",
+                    "retention": r,
+                    "guide_pool": run.get("guide_pool", 1),
+                    "layers": run.get("layers"),
+                }
+            )
+    if not any(r["method"] == "full" for r in rows):
+        rows.insert(0, {"method": "full", "guide": "none", "retention": 1.0, "guide_pool": 1, "layers": None})
+    return rows
+
+
+def _method(row, assistant):
+    from .cli import build_method
+
+    method = build_method(row["method"], None if row["method"] == "full" else row["retention"], row["guide"], assistant, row["layers"])
+    if row["guide_pool"] != 1:
+        method.guide_pool = row["guide_pool"]
+    return method
+
+
+@torch.no_grad()
+def measure(model, tokenizer, video, question, method, frames, decode_tokens) -> dict:
+    """One timed call: every stage once."""
+    prepared = prepare(model, tokenizer, video, question, method, frames=frames)
+    seconds = prepared.plan.seconds
+    timer = _Timer(seconds, device_sync(next(model.parameters()).device))
+    with timer("prefill"):
+        out = model(**prepared.inputs, use_cache=True, logits_to_keep=1)
+    past, mask = out.past_key_values, prepared.inputs["attention_mask"]
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    with timer("decode_tokens"):
+        for _ in range(decode_tokens):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return {"seconds": dict(seconds), "plan": prepared.plan, "prompt_tokens": int(prepared.inputs["input_ids"].shape[1])}
+
+
+def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision) -> dict:
+    config = model.config
+    text_tokens = prompt_tokens - plan.visual_tokens_kept - 1
+    out = {
+        "vision": flops.vision_flops(config, plan.frames),
+        "llm": flops.llm_prefill_flops(config, prompt_tokens),
+        "guide": 0,
+        "compress": flops.visionzip_signal_flops(config, plan.frames) if row["method"] == "visionzip" and plan.visual_tokens_kept < plan.visual_tokens_in else 0,
+    }
+    if plan.guide_layers is not None:
+        gconfig = (guide_model or model).config
+        guide_tokens = plan.frames * plan.tokens_per_frame // row["guide_pool"] ** 2
+        out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + 1, max(plan.guide_layers))
+        if guide_model is not None:
+            patches = (gconfig.vision_config.image_size // gconfig.vision_config.patch_size) ** 2
+            out["guide"] += (
+                plan.frames * flops.projector_flops(gconfig, patches) if shared_vision else flops.vision_flops(gconfig, plan.frames)
+            )
+    out["total"] = sum(out.values())
+    return out
+
+
+def _machine(device) -> dict:
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def bench_video(path: Path, frames: int, size: int) -> Path:
+    """A synthetic clip (the needle task's frames, upscaled) of `frames` frames at `size` px."""
+    import numpy as np
+
+    from .synth import make_sample
+    from .video import write_video
+
+    sample = make_sample(np.random.default_rng(0), frames=frames, needles=min(2, frames))
+    scale = -(-size // sample.frames.shape[1])
+    big = sample.frames.repeat(scale, axis=1).repeat(scale, axis=2)[:, :size, :size]
+    write_video(path, big)
+    return path
+
+
+def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
+    from .models import adapter_for
+    from .toy import build_tokenizer
+
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device))
+    dtype = getattr(torch, config.dtype)
+    model = build_model(config.main, config.seed, dtype, device)
+    if "path" in config.main:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.main["path"])
+    else:
+        tokenizer = build_tokenizer()
+    guide_model, shared = None, False
+    if config.guide is not None:
+        guide_model = build_model(config.guide, config.seed + 1, dtype, device, vision_from=config.main.get("vision"))
+        if config.guide.get("share_vision"):
+            guide_model.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+        shared = adapter_for(model).same_vision_tower(adapter_for(guide_model))
+    rows = expand_runs(config)
+    if any(r["guide"] == "assistant" for r in rows) and guide_model is None:
+        raise ValueError("a run uses guide 'assistant' but the config has no guide geometry")
+    adapter = adapter_for(model)
+    question = "what shape is red ?"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        video = bench_video(Path(tmp) / "bench.mp4", config.frames, adapter.image_size)
+        methods = [_method(row, guide_model) for row in rows]
+        for method in methods:
+            for _ in range(config.warmup):
+                measure(model, tokenizer, video, question, method, config.frames, config.decode_tokens)
+        # Round-robin over configurations, so a slow spell of a shared machine hits all of them alike.
+        repeats = [[] for _ in rows]
+        for repeat in range(config.repeats):
+            for i, method in enumerate(methods):
+                with PeakMemory(device) as memory:
+                    m = measure(model, tokenizer, video, question, method, config.frames, config.decode_tokens)
+                repeats[i].append({"seconds": m["seconds"], "peak_memory_bytes": memory.peak, "plan": m["plan"], "prompt_tokens": m["prompt_tokens"]})
+            log(f"repeat {repeat + 1}/{config.repeats} done")
+        results = []
+        for row, method, runs in zip(rows, methods, repeats):
+            plan, prompt_tokens = runs[-1].pop("plan"), runs[-1].pop("prompt_tokens")
+            for r in runs:
+                r.pop("plan", None), r.pop("prompt_tokens", None)
+            median = {s: statistics.median(r["seconds"].get(s, 0.0) for r in runs) for s in (*STAGES, "decode_tokens")}
+            ttft = statistics.median(sum(r["seconds"].get(s, 0.0) for s in STAGES if s != "decode") for r in runs)
+            llm_side = statistics.median(sum(r["seconds"].get(s, 0.0) for s in ("guide_vision", "guide", "compress", "prefill")) for r in runs)
+            peak = statistics.median(r["peak_memory_bytes"] for r in runs) / 2**20
+            results.append(
+                {
+                    **row,
+                    "description": str(method),
+                    "guide_layers": plan.guide_layers,
+                    "visual_tokens_kept": plan.visual_tokens_kept,
+                    "visual_tokens_in": plan.visual_tokens_in,
+                    "prompt_tokens": prompt_tokens,
+                    "stage_seconds": median,
+                    "ttft_seconds": ttft,
+                    "llm_side_seconds": llm_side,
+                    "decode_tokens_per_s": config.decode_tokens / median["decode_tokens"] if median["decode_tokens"] else None,
+                    "guide_share": (median["guide_vision"] + median["guide"]) / ttft if ttft else 0.0,
+                    "prefill_flops": prefill_flops(model, guide_model if row["guide"] == "assistant" else None, row, plan, prompt_tokens, shared),
+                    "peak_rss_mb": peak if device.type == "cpu" else None,
+                    "peak_cuda_mb": peak if device.type == "cuda" else None,
+                    "repeats": runs,
+                }
+            )
+    full = next(r for r in results if r["method"] == "full")
+    for r in results:
+        r["ttft_speedup"] = full["ttft_seconds"] / r["ttft_seconds"]
+        r["prefill_speedup"] = full["stage_seconds"]["prefill"] / r["stage_seconds"]["prefill"]
+        r["llm_side_speedup"] = full["llm_side_seconds"] / r["llm_side_seconds"]
+        r["flops_ratio"] = full["prefill_flops"]["total"] / r["prefill_flops"]["total"]
+    report = {
+        "config": asdict(config),
+        "machine": _machine(device),
+        "shared_vision_tower": shared,
+        "geometry": {"main": model.config.to_dict(), "guide": guide_model.config.to_dict() if guide_model else None},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rows": results,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}")
+    return report
+
+
+def table(rows) -> str:
+    head = (f"{'method':<10}{'guide':<10}{'pool':>5}{'layers':>7}{'retention':>10}{'tokens':>8}{'ttft s':>9}{'ttft x':>8}"
+            f"{'llm-side x':>11}{'prefill x':>10}{'guide %':>8}{'TFLOPs':>8}{'RSS MB':>8}")
+    lines = [head]
+    for r in rows:
+        mem = r["peak_rss_mb"] if r["peak_rss_mb"] is not None else r["peak_cuda_mb"]
+        layers = f"{min(r['guide_layers'])}-{max(r['guide_layers'])}" if r["guide_layers"] else "-"
+        lines.append(
+            f"{r['method']:<10}{r['guide']:<10}{r['guide_pool']:>5}{layers:>7}{r['retention']:>10g}{r['visual_tokens_kept']:>8}"
+            f"{r['ttft_seconds']:>9.3f}{r['ttft_speedup']:>8.2f}{r['llm_side_speedup']:>11.2f}{r['prefill_speedup']:>10.2f}"
+            f"{100 * r['guide_share']:>8.1f}{r['prefill_flops']['total'] / 1e12:>8.3f}{mem:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_bench(rows, path, title) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.4]})
+    groups = {}
+    for r in rows:
+        if r["method"] != "full":
+            key = f"{r['method']}" + ("" if r["guide"] == "none" else f" + DyToK ({r['guide']}" + (f", pool {r['guide_pool']}" if r["guide_pool"] != 1 else "") + (f", layers {r['layers']}" if r["layers"] else "") + ")")
+            groups.setdefault(key, []).append(r)
+    for i, (key, rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: r["retention"])
+        xs = [100 * r["retention"] for r in rs]
+        colour = f"C{i}"
+        left.plot(xs, [r["ttft_speedup"] for r in rs], "o-", color=colour, label=f"{key}: to first token")
+        left.plot(xs, [r["llm_side_speedup"] for r in rs], "s--", color=colour, alpha=0.6, label=f"{key}: guide + compress + prefill")
+    left.axhline(1, color="gray", linestyle=":")
+    left.set_xlabel("visual tokens kept (%)")
+    left.set_ylabel("speedup vs full (same run, medians)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    def label(r):
+        if r["method"] == "full":
+            return "full"
+        extra = (f" pool{r['guide_pool']}" if r["guide_pool"] != 1 else "") + (f" L{r['layers']}" if r["layers"] else "")
+        return f"{r['method']} {r['guide']}{extra} {100 * r['retention']:g}%"
+
+    labels = [label(r) for r in rows]
+    bottom = [0.0] * len(rows)
+    for stage in ("vision", "guide_vision", "guide", "compress", "prefill"):
+        values = [r["stage_seconds"][stage] for r in rows]
+        right.bar(range(len(rows)), values, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    right.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=7)
+    right.set_ylabel("seconds to first token (median)")
+    right.legend(fontsize=7)
+    right.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,159 @@
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vidtok import adapter_for, flops
+from vidtok.bench import STAGES, BenchConfig, PeakMemory, build_model, expand_runs, measure, run_bench, table
+from vidtok.compressors import DyToK, VisionZip
+from vidtok.pipeline import _Timer, device_sync
+from vidtok.toy import build_tokenizer, build_toy_model
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.fixture
+def eager_model():
+    # eager attention: its QK^T and AV are plain matmuls the counter sees (the CPU sdpa kernel is not registered)
+    model = build_toy_model("test", seed=0)
+    model.set_attn_implementation("eager")
+    return model
+
+
+@torch.no_grad()
+def test_llm_prefill_formula_matches_a_count(eager_model):
+    seq = 57
+    embeds = torch.randn(1, seq, eager_model.config.text_config.hidden_size)
+    got = counted(lambda: eager_model(inputs_embeds=embeds, logits_to_keep=1))
+    assert got == flops.llm_prefill_flops(eager_model.config, seq)
+
+
+@torch.no_grad()
+def test_vision_formula_matches_a_count(eager_model):
+    pixels = torch.randn(1, 3, 3, 64, 64)
+    got = counted(lambda: eager_model.model.get_video_features(pixels))
+    # the toy towers keep SigLIP's attention-pooling head, which LLaVA-OV checkpoints disable: count it apart
+    head = counted(lambda: eager_model.model.vision_tower.head(torch.randn(3, 64, eager_model.config.vision_config.hidden_size)))
+    assert got - head == flops.vision_flops(eager_model.config, 3)
+
+
+@torch.no_grad()
+def test_guide_formula_matches_a_count(eager_model):
+    tokenizer = build_tokenizer()
+    adapter = adapter_for(eager_model)
+    pixels = torch.randn(2, 3, 64, 64)
+    encoded = adapter.encode_video(pixels)
+    ids = adapter.input_ids(tokenizer, "what shape is red ?", 2 * 16 + 1)
+    embeds = torch.cat([encoded.features.flatten(0, 1), encoded.newline])
+    seq = ids.shape[1]
+    for deepest in (0, 1, 2):
+        got = counted(lambda: adapter.token_attention(ids, embeds, [deepest]))
+        # The capture runs sdpa, whose CPU kernel the counter does not see: take the S x S attention
+        # of the `deepest` whole layers out of the formula (the eager test above checks that term),
+        # and add the one row of scores the capture computes, 2 * H * d * N_visual.
+        t = eager_model.config.text_config
+        head_dim = t.hidden_size // t.num_attention_heads
+        unseen = deepest * 4 * seq * seq * t.num_attention_heads * head_dim
+        row = 2 * t.num_attention_heads * head_dim * (2 * 16)
+        assert got == flops.guide_flops(eager_model.config, seq, deepest) - unseen + row
+
+
+def test_timer_synchronises_both_ends_of_every_stage():
+    calls = []
+    seconds = {}
+    timer = _Timer(seconds, sync=lambda: calls.append("sync"))
+    with timer("a"):
+        calls.append("work")
+    assert calls == ["sync", "work", "sync"] and seconds["a"] >= 0
+    assert device_sync(torch.device("cuda")) is torch.cuda.synchronize
+    assert device_sync(torch.device("cpu")) is None
+
+
+def test_peak_memory_cuda_path(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1234)
+    with PeakMemory(torch.device("cuda")) as memory:
+        pass
+    assert memory.peak == 1234
+
+
+def test_peak_rss_sees_an_allocation():
+    with PeakMemory(torch.device("cpu")) as memory:
+        before = PeakMemory.rss()
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        block += 1
+        del block
+    assert memory.peak >= before + 48 * 2**20
+
+
+def test_every_stage_is_timed_once_per_call(monkeypatch):
+    import vidtok.pipeline as pipeline
+
+    seen = []
+    original = pipeline._Timer.__call__
+
+    def call(self, stage):
+        seen.append(stage)
+        return original(self, stage)
+
+    monkeypatch.setattr(pipeline._Timer, "__call__", call)
+    model, assistant, tokenizer = build_toy_model("test"), build_toy_model("test", seed=1), build_tokenizer()
+    method = DyToK(VisionZip(0.25), guide=assistant)
+    m = measure(model, tokenizer, torch.randn(4, 3, 64, 64), "what shape is red ?", method, 4, 2)
+    assert sorted(seen) == sorted(["decode", "vision", "guide_vision", "guide", "compress", "prefill", "decode_tokens"])
+    assert set(m["seconds"]) == set(seen)
+
+
+def test_bench_end_to_end(tmp_path):
+    config = BenchConfig(
+        name="t",
+        main={"toy": "test"},
+        guide={"toy": "test", "share_vision": True},
+        frames=4,
+        runs=[{"method": "visionzip", "guide": "none", "retentions": [0.5]}, {"method": "visionzip", "guide": "assistant", "retentions": [0.25]}],
+        repeats=2,
+        warmup=1,
+        decode_tokens=2,
+    )
+    report = run_bench(config, tmp_path, log=lambda *a: None)
+    rows = report["rows"]
+    assert [r["method"] for r in rows] == ["full", "visionzip", "visionzip"]  # full is always measured
+    assert report["shared_vision_tower"] is True
+    full = rows[0]
+    assert full["ttft_speedup"] == 1.0 and full["prefill_flops"]["guide"] == 0
+    for r in rows:
+        assert len(r["repeats"]) == 2
+        assert r["ttft_seconds"] > 0 and r["peak_rss_mb"] > 0
+        assert r["ttft_speedup"] == pytest.approx(full["ttft_seconds"] / r["ttft_seconds"])
+        assert set(STAGES) <= set(r["stage_seconds"])
+    guided = rows[2]
+    assert guided["prefill_flops"]["guide"] > 0 and guided["stage_seconds"]["guide"] > 0
+    assert rows[1]["prefill_flops"]["llm"] < full["prefill_flops"]["llm"]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["machine"]["torch"] == torch.__version__ and len(saved["rows"]) == 3
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ttft" in table(rows)
+
+
+def test_bench_config_errors(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"name": "x", "main": {"toy": "test"}, "frame": 3}))
+    with pytest.raises(ValueError, match="unknown bench config keys"):
+        BenchConfig.load(path)
+    rows = expand_runs(BenchConfig(name="x", main={"toy": "test"}, runs=[{"method": "uniform", "retentions": [0.5]}]))
+    assert rows[0]["method"] == "full" and rows[1]["retention"] == 0.5
+
+
+def test_geometry_from_config():
+    model = build_model(
+        {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+         "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64}},
+        0, torch.float32, "cpu",
+    )
+    assert adapter_for(model).tokens_per_frame == 1
+    assert not model.config.vision_config.vision_use_head
