@@ -329,7 +329,7 @@ def plot_bench(rows, path, title) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 7), gridspec_kw={"width_ratios": [1, 1.4]})
     groups = {}
     for r in rows:
         if r["method"] != "full":
@@ -345,7 +345,7 @@ def plot_bench(rows, path, title) -> None:
     left.set_xlabel("visual tokens kept (%)")
     left.set_ylabel("speedup vs full (same run, medians)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     def label(r):
         if r["method"] == "full":
             return "full"

@@ -198,8 +198,7 @@ A LLaVA-OneVision-architecture model (SigLIP + Qwen2, `LlavaOnevisionForConditio
 trained from scratch on vidtok's synthetic needle task ("what shape is <colour> ?", 64-px frames,
 16 tokens per frame). It is a testbed for token compression, not a general video model.
 
-- Command: `python -m vidtok.train --out OUT --geometry {args.geometry} --seed {args.seed}`
-  {'--vision-from ' + args.vision_from if args.vision_from else ''}
+- Command: `python -m vidtok.train --out {args.out} --geometry {args.geometry} --seed {args.seed}{' --vision-from ' + args.vision_from if args.vision_from else ''}`
 - Trained {seconds / 60:.1f} CPU minutes; last train accuracy {final.get('accuracy', float('nan')):.3f}
   at {final.get('frames')} frames.
 - Training used auxiliary heads that are **not** part of this checkpoint: per-token colour/shape
