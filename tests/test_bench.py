@@ -52,7 +52,7 @@ def test_guide_formula_matches_a_count(eager_model):
     embeds = torch.cat([encoded.features.flatten(0, 1), encoded.newline])
     seq = ids.shape[1]
     for deepest in (0, 1, 2):
-        got = counted(lambda: adapter.token_attention(ids, embeds, [deepest]))
+        got = counted(lambda d=deepest: adapter.token_attention(ids, embeds, [d]))
         # The capture runs sdpa, whose CPU kernel the counter does not see: take the S x S attention
         # of the `deepest` whole layers out of the formula (the eager test above checks that term),
         # and add the one row of scores the capture computes, 2 * H * d * N_visual.

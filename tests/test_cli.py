@@ -52,6 +52,7 @@ def test_readable_report(capsys):
         (["--frames", "40"], "ask for 16 frames or fewer"),
         (["/nonexistent.mp4", "what ?"], "no video file"),
         (["--guide", "assistant", "--model", "src/vidtok/assets/toy-main"], "needs --assistant"),
+        (["--guide", "none", "--floor", "1"], "need --guide self or assistant"),
     ],
 )
 def test_bad_input_is_a_clear_error(capsys, args, message):
@@ -85,3 +86,13 @@ def test_unsupported_model_folder(capsys, tmp_path):
     Qwen2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     assert main(["run", "--model", str(tmp_path)]) == 2
     assert "supported: llava_onevision" in capsys.readouterr().err
+
+
+def test_any_saved_checkpoint_loads_by_path(capsys, tmp_path):
+    from vidtok.toy import build_tokenizer, build_toy_model
+
+    build_toy_model("test", seed=3).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    record = run_json(capsys, "--model", str(tmp_path), "--guide", "self", "--retention", "0.5", "--max-new-tokens", "2")
+    assert record["model"] == str(tmp_path) and record["guide"] == "self"
+    assert record["visual_tokens_kept"] == 128 and record["guide_layers"] == [2]  # last third of 3 layers

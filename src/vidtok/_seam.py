@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import MappingProxyType
 
 CAPTURE_IMPLEMENTATION = "vidtok_capture"
 
 Observer = Callable[..., None]
-_OBSERVERS: ContextVar[Mapping[int, Observer]] = ContextVar("vidtok_observers", default={})
+_OBSERVERS: ContextVar[Mapping[int, Observer]] = ContextVar("vidtok_observers", default=MappingProxyType({}))
 _registered = False
 
 

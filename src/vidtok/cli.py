@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -50,8 +49,8 @@ def build_method(name: str, retention: float, guide: str, assistant=None, layers
     kwargs = {"seed": seed} if name == "random" else {}
     base = COMPRESSORS[name](retention=0.25 if retention is None else retention, **kwargs)
     if guide == "none":
-        if guide_pool != 1:
-            raise UsageError("--guide-pool needs a guide (--guide self or assistant)")
+        if guide_pool != 1 or cap is not None or floor:
+            raise UsageError("--guide-pool, --cap and --floor shape DyToK's budgets: they need --guide self or assistant")
         return base
     if guide == "assistant" and assistant is None:
         raise UsageError("--guide assistant needs --assistant PATH (an assistant model of the same family)")
