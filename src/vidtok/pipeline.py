@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -120,16 +121,28 @@ def _guide_adapter(dytok: DyToK, adapter):
     return guide
 
 
+def _same_tower(dytok, main, guide) -> bool:
+    """Whether main and guide share a vision tower; the weight comparison runs once per pair.
+
+    Remembered on the DyToK object with weak references, so a new model that happens to reuse
+    a freed model's id() is never mistaken for it.
+    """
+    key = (id(main.model), id(guide.model))
+    entry = dytok._shared.get(key)
+    if entry is None or entry[0]() is not main.model or entry[1]() is not guide.model:
+        entry = (weakref.ref(main.model), weakref.ref(guide.model), main.same_vision_tower(guide))
+        dytok._shared[key] = entry
+    return entry[2]
+
+
 def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, encoded, timer) -> torch.Tensor:
     """Frame weights [F] from the guide's last-token attention on the uncompressed prompt."""
     frames = encoded.features.shape[0]
     if guide is not main:  # an assistant sees the frames through its own vision tower...
-        key = (id(main.model), id(guide.model))
-        if dytok.share_vision and key not in dytok._shared:
-            dytok._shared[key] = main.same_vision_tower(guide)
+        shared = dytok.share_vision and _same_tower(dytok, main, guide)
         with timer("guide_vision"):
             # ...computed once when both models have the same tower
-            encoded = guide.project(encoded.vision_hidden) if dytok.share_vision and dytok._shared[key] else guide.encode_video(pixels)
+            encoded = guide.project(encoded.vision_hidden) if shared else guide.encode_video(pixels)
     with timer("guide"):
         features = encoded.features
         if dytok.guide_pool > 1:

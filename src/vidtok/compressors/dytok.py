@@ -24,7 +24,8 @@ class DyToK:
     floor: int = field(default=0, metadata={"help": "min tokens per frame (temporal coverage); 0 as in the reference"})
     guide_pool: int = field(default=1, metadata={"help": "the guide sees each frame average-pooled k x k (1: full grid)"})
     share_vision: bool = field(
-        default=True, metadata={"help": "reuse the main model's vision tower output when the assistant's tower is identical"}
+        default=True,
+        metadata={"help": "reuse the main model's vision tower output when the assistant's tower has equal weights (checked once per pair)"},
     )
     _shared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
