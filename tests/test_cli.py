@@ -96,3 +96,14 @@ def test_any_saved_checkpoint_loads_by_path(capsys, tmp_path):
     record = run_json(capsys, "--model", str(tmp_path), "--guide", "self", "--retention", "0.5", "--max-new-tokens", "2")
     assert record["model"] == str(tmp_path) and record["guide"] == "self"
     assert record["visual_tokens_kept"] == 128 and record["guide_layers"] == [2]  # last third of 3 layers
+
+
+def test_without_shipped_weights_the_default_says_its_answers_are_meaningless(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    import vidtok.toy as toy
+
+    shutil.copytree(toy.ASSETS / "sample", tmp_path / "sample")
+    monkeypatch.setattr(toy, "ASSETS", tmp_path)
+    record = run_json(capsys, "--max-new-tokens", "2")
+    assert "meaningless" in record["note"] and record["guide"] == "self"
