@@ -246,3 +246,15 @@ def test_coarse_guide_grid(model, tokenizer, pixels):
     assert sum(plan.budgets) == plan.total_budget and len(plan.frame_weights) == FRAMES
     with pytest.raises(ValueError, match="guide_pool"):
         prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide_pool=3))
+
+
+def test_checkpoint_normalisation_is_used(tmp_path, tokenizer):
+    import json
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    build_toy_model("test").save_pretrained(tmp_path)
+    assert adapter_for(LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path)).image_mean == (0.5, 0.5, 0.5)
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [1, 2, 3]}))
+    adapter = adapter_for(LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path))
+    assert adapter.image_mean == (0.1, 0.2, 0.3) and adapter.image_std == (1, 2, 3)

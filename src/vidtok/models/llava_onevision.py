@@ -24,6 +24,21 @@ class EncodedVideo:
 DEFAULT_TEMPLATE = "<|im_start|>user <video>\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def _normalisation(folder, mean, std):
+    """image_mean / image_std from a local checkpoint's (video) preprocessor config, if it has one."""
+    import json
+    import os
+
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = os.path.join(folder, name) if folder else ""
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                config = json.load(f)
+            if "image_mean" in config and "image_std" in config:
+                return tuple(config["image_mean"]), tuple(config["image_std"])
+    return mean, std
+
+
 class LlavaOnevisionAdapter:
     model_type = "llava_onevision"
 
@@ -49,8 +64,8 @@ class LlavaOnevisionAdapter:
         self.image_size = vision.image_size
         self.video_token_id = config.video_token_id
         self.num_layers = config.text_config.num_hidden_layers
-        self.image_mean = (0.5, 0.5, 0.5)
-        self.image_std = (0.5, 0.5, 0.5)
+        # SigLIP's normalisation, unless the checkpoint folder says otherwise
+        self.image_mean, self.image_std = _normalisation(getattr(model, "name_or_path", ""), (0.5,) * 3, (0.5,) * 3)
 
     def layout(self) -> dict:
         """What a guide must share with the main model for its frame weights to mean the same frames."""
