@@ -320,6 +320,9 @@ def main(argv=None) -> int:
     except (UsageError, VideoError, UnsupportedModelError, ValueError, TypeError) as error:
         print(f"vidtok: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vidtok run --json | head`: the reader left, nothing is wrong
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":
