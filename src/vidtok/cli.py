@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
         print(f"vidtok: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `vidtok run --json | head`: the reader left, nothing is wrong
-        sys.stdout = open(os.devnull, "w")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
