@@ -258,3 +258,10 @@ def test_checkpoint_normalisation_is_used(tmp_path, tokenizer):
     (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [1, 2, 3]}))
     adapter = adapter_for(LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path))
     assert adapter.image_mean == (0.1, 0.2, 0.3) and adapter.image_std == (1, 2, 3)
+
+
+def test_bfloat16_models_run(model, assistant, tokenizer, pixels):
+    model, assistant = model.to(torch.bfloat16), assistant.to(torch.bfloat16)
+    result = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=assistant), max_new_tokens=2)
+    assert sum(result.plan.budgets) == result.plan.total_budget
+    assert abs(sum(result.plan.frame_weights) - 1) < 1e-4
