@@ -12,3 +12,4 @@ vidtok eval data/test16 --out benchmarks/results/eval-test16 --quiet
 # harder, out of the training distribution: 32 frames, 3 needles
 vidtok synth data/hard32 --count 100 --seed 3 --frames 32 --needles 3
 vidtok eval data/hard32 --out benchmarks/results/eval-hard32 --methods visionzip --retentions 0.03125,0.0625,0.125,0.25 --quiet
+vidtok viz --retention 0.125 --out benchmarks/results/viz-sample.png
