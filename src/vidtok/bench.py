@@ -78,10 +78,15 @@ def build_model(spec: dict, seed: int, dtype, device, vision_from=None):
 
 
 class PeakMemory:
-    """Peak process RSS (sampled every 10 ms from /proc) on CPU; peak allocated memory on CUDA."""
+    """Peak process RSS on CPU; peak allocated memory on CUDA.
+
+    On Linux the kernel keeps the high-water mark itself (VmHWM), and writing 5 to
+    /proc/self/clear_refs resets it: exact, with no sampling to miss a short spike. Elsewhere a
+    thread samples the RSS every 10 ms.
+    """
 
     def __init__(self, device):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self.device, self.peak, self._stop, self._thread = device, 0, threading.Event(), None
 
     @staticmethod
     def rss() -> int:
@@ -93,6 +98,11 @@ class PeakMemory:
 
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    @staticmethod
+    def _high_water_mark() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
     def _sample(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, self.rss())
@@ -101,7 +111,11 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
             self.peak = self.rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -110,6 +124,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            self.peak = self._high_water_mark()
         else:
             self._stop.set()
             self._thread.join()
@@ -137,12 +153,10 @@ def expand_runs(config: BenchConfig) -> list[dict]:
 
 
 def _method(row, assistant):
-    from .cli import build_method
+    from .compressors import build_method
 
-    method = build_method(row["method"], None if row["method"] == "full" else row["retention"], row["guide"], assistant, row["layers"])
-    if row["guide_pool"] != 1:
-        method.guide_pool = row["guide_pool"]
-    return method
+    retention = None if row["method"] == "full" else row["retention"]
+    return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"])
 
 
 @torch.no_grad()
@@ -253,17 +267,16 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
                 measure(model, tokenizer, video, question, method, config.frames, config.decode_tokens)
         # Round-robin over configurations, so a slow spell of a shared machine hits all of them alike.
         repeats = [[] for _ in rows]
+        last = [None] * len(rows)
         for repeat in range(config.repeats):
             for i, method in enumerate(methods):
                 with PeakMemory(device) as memory:
-                    m = measure(model, tokenizer, video, question, method, config.frames, config.decode_tokens)
-                repeats[i].append({"seconds": m["seconds"], "peak_memory_bytes": memory.peak, "plan": m["plan"], "prompt_tokens": m["prompt_tokens"]})
+                    last[i] = measure(model, tokenizer, video, question, method, config.frames, config.decode_tokens)
+                repeats[i].append({"seconds": last[i]["seconds"], "peak_memory_bytes": memory.peak})
             log(f"repeat {repeat + 1}/{config.repeats} done")
         results = []
-        for row, method, runs in zip(rows, methods, repeats):
-            plan, prompt_tokens = runs[-1].pop("plan"), runs[-1].pop("prompt_tokens")
-            for r in runs:
-                r.pop("plan", None), r.pop("prompt_tokens", None)
+        for row, method, runs, m in zip(rows, methods, repeats, last):
+            plan, prompt_tokens = m["plan"], m["prompt_tokens"]
             median = {s: statistics.median(r["seconds"].get(s, 0.0) for r in runs) for s in (*STAGES, "decode_tokens")}
             ttft = statistics.median(sum(r["seconds"].get(s, 0.0) for s in STAGES if s != "decode") for r in runs)
             llm_side = statistics.median(sum(r["seconds"].get(s, 0.0) for s in ("guide_vision", "guide", "compress", "prefill")) for r in runs)
