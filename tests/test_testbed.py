@@ -77,7 +77,7 @@ def test_shipped_models_answer_and_dytok_keeps_accuracy(toy, split):
     }
     correct = dict.fromkeys(methods, 0)
     for r in records:
-        pixels = vidtok.pipeline.load_pixels(r["video"], 16, 64, (0.5,) * 3, (0.5,) * 3)
+        pixels = vidtok.adapter_for(model).pixels(r["video"], 16)
         for name, method in methods.items():
             text = vidtok.generate(model, tokenizer, pixels, r["question"], method, max_new_tokens=2).text
             correct[name] += text.split()[:1] == [r["answer"]]

@@ -23,13 +23,12 @@ from .importance import frame_weights
 def layer_frame_weights(model, tokenizer, records) -> list[torch.Tensor]:
     """[layers, F] frame weights per record, every layer of the model as guide."""
     from .models import adapter_for
-    from .pipeline import load_pixels
 
     adapter = adapter_for(model)
     every = list(range(adapter.num_layers))
     out = []
     for record in records:
-        pixels = load_pixels(record["video"], record.get("frames"), adapter.image_size, adapter.image_mean, adapter.image_std)
+        pixels = adapter.pixels(record["video"], record.get("frames"))
         encoded = adapter.encode_video(pixels)
         features, newline, _ = encoded.features, encoded.newline, encoded.signals
         ids = adapter.input_ids(tokenizer, record["question"], features.shape[0] * adapter.tokens_per_frame + 1)

@@ -8,9 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-METHODS = ("full", "uniform", "random", "visionzip")
-GUIDES = ("none", "self", "assistant")
-
+from .compressors import GUIDES, METHODS, build_method
 
 class UsageError(ValueError):
     pass
@@ -34,28 +32,6 @@ def load_model(path):
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     adapter_for(model)
     return model, AutoTokenizer.from_pretrained(path)
-
-
-def build_method(name: str, retention: float, guide: str, assistant=None, layers=None, cap=None, floor=0, seed=0, guide_pool=1):
-    from .compressors import COMPRESSORS, DyToK, Full
-
-    if name not in COMPRESSORS:
-        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    if name == "full":
-        if guide != "none":
-            raise UsageError("--method full keeps every token, so there is nothing for a guide to do; use --guide none")
-        if retention not in (None, 1.0):
-            raise UsageError("--method full keeps every token; drop --retention or pick a compressing method")
-        return Full()
-    kwargs = {"seed": seed} if name == "random" else {}
-    base = COMPRESSORS[name](retention=0.25 if retention is None else retention, **kwargs)
-    if guide == "none":
-        if guide_pool != 1 or cap is not None or floor:
-            raise UsageError("--guide-pool, --cap and --floor shape DyToK's budgets: they need --guide self or assistant")
-        return base
-    if guide == "assistant" and assistant is None:
-        raise UsageError("--guide assistant needs --assistant PATH (an assistant model of the same family)")
-    return DyToK(base, guide="self" if guide == "self" else assistant, layers=layers, cap=cap, floor=floor, guide_pool=guide_pool)
 
 
 def _load(args):
@@ -129,18 +105,13 @@ def cmd_viz(args) -> int:
     model, tokenizer, assistant, note = _load(args)
     method = _method(args, model, assistant)
     video, question, frames = _video_and_question(args)
-    adapter_pixels = pipeline.load_pixels(video, frames, *_pixel_spec(model))
-    result = pipeline.generate(model, tokenizer, adapter_pixels, question, method, max_new_tokens=args.max_new_tokens)
-    render(adapter_pixels, result.plan, question, result.text, args.out)
-    print(f"wrote {args.out}" + (f" ({note})" if note else ""))
-    return 0
-
-
-def _pixel_spec(model):
     from .models import adapter_for
 
-    adapter = adapter_for(model)
-    return adapter.image_size, adapter.image_mean, adapter.image_std
+    pixels = adapter_for(model).pixels(video, frames)
+    result = pipeline.generate(model, tokenizer, pixels, question, method, max_new_tokens=args.max_new_tokens)
+    render(pixels, result.plan, question, result.text, args.out)
+    print(f"wrote {args.out}" + (f" ({note})" if note else ""))
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -177,7 +148,7 @@ def cmd_calibrate(args) -> int:
     from .analysis import calibrate, plot_prior
     from .synth import read_split
 
-    model, tokenizer = load_model(args.model) if args.model else _load(args)[:2]
+    model, tokenizer = _load(args)[:2]
     records = read_split(args.split)[: args.limit]
     folder = None if args.dry_run else (args.model or model.name_or_path)
     result = calibrate(model, tokenizer, records, folder)

@@ -30,7 +30,7 @@ class EvalConfig:
 
     def __post_init__(self):
         from .budget import check_retention
-        from .cli import GUIDES, METHODS
+        from .compressors import GUIDES, METHODS
 
         for r in self.retentions:
             check_retention(r)
@@ -68,8 +68,8 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     """Run every configuration not yet on disk; returns the summaries of all of them."""
     from tqdm.auto import tqdm
 
-    from .cli import build_method
-    from .pipeline import generate, load_pixels
+    from .compressors import build_method
+    from .pipeline import generate
     from .models import adapter_for
     from .synth import read_split
     from .toy import calibrated_layers
@@ -92,7 +92,7 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
         )
     rows = {r: [] for r in pending}
     for record in tqdm(records, disable=not progress or not pending, desc="eval"):
-        pixels = load_pixels(record["video"], record.get("frames"), adapter.image_size, adapter.image_mean, adapter.image_std)
+        pixels = adapter.pixels(record["video"], record.get("frames"))
         for key, method in methods.items():
             result = generate(model, tokenizer, pixels, record["question"], method, max_new_tokens=2, do_sample=False)
             plan = result.plan

@@ -105,11 +105,9 @@ def load_pixels(video, frames: int | None, size: int, mean, std) -> torch.Tensor
 
 
 def _guide_adapter(dytok: DyToK, adapter):
-    if dytok.guide_name == "self":
+    if dytok.guide_name == "self" or dytok.guide is adapter.model:
         return adapter
     guide = adapter_for(dytok.guide)
-    if dytok.guide is adapter.model:
-        return adapter
     main_layout, guide_layout = adapter.layout(), guide.layout()
     mismatch = [f"{k} {v} vs {guide_layout.get(k)}" for k, v in main_layout.items() if v != guide_layout.get(k)]
     if mismatch:
@@ -167,7 +165,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     seconds: dict[str, float] = {}
     timer = _Timer(seconds, device_sync(adapter.device))
     with timer("decode"):
-        pixels = load_pixels(video, frames, adapter.image_size, adapter.image_mean, adapter.image_std)
+        pixels = adapter.pixels(video, frames)
     num_frames, per_frame = pixels.shape[0], adapter.tokens_per_frame
     retention = dytok.retention if dytok else base.retention
     budget = total_budget(retention, num_frames, per_frame)
@@ -192,7 +190,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         if compressing:
             tokens, kept = base.compress(features, budgets, encoded.signals)
         else:
-            tokens, kept = features.flatten(0, 1), [list(range(per_frame))] * num_frames
+            tokens, kept = features.flatten(0, 1), [list(range(per_frame)) for _ in range(num_frames)]
         video_embeds = torch.cat([tokens, newline])
         input_ids = adapter.input_ids(tokenizer, question, video_embeds.shape[0])
         inputs = adapter.model_inputs(input_ids, video_embeds)
@@ -223,7 +221,7 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
     """
     prepared = prepare(model, tokenizer, video, question, method, frames=frames)
     generate_kwargs.setdefault("max_new_tokens", 32)
-    with _Timer(prepared.plan.seconds, device_sync(adapter_for(model).device))("generate"):
+    with _Timer(prepared.plan.seconds, device_sync(prepared.inputs["input_ids"].device))("generate"):
         sequences = model.generate(**prepared.inputs, **generate_kwargs)
     prompt_length = prepared.inputs["input_ids"].shape[1]
     text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()

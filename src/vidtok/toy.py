@@ -6,6 +6,8 @@ These are the project's own testbed: the real transformers architecture (SigLIP 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -107,8 +109,6 @@ def build_toy_model(geometry: str = "main", seed: int = 0, **config_kwargs):
 
 
 # shipped defaults --------------------------------------------------------------------------
-
-from pathlib import Path  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 CALIBRATION_FILE = "vidtok.json"

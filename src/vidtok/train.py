@@ -99,6 +99,8 @@ def _batch(rng, frames, batch, tokenizer, adapter):
 
 
 def train_joint(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum, advance_at, deadline):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     from .models import adapter_for
 
     adapter = adapter_for(model)
@@ -110,8 +112,6 @@ def train_joint(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum,
         frames = curriculum[level]
         input_ids, pixels, answers, colour, colour_labels, shape_labels = _batch(rng, frames, batch, tokenizer, adapter)
         video = _video_tokens(model, pixels)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         out = model(
             input_ids=input_ids,
             mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=video)},
@@ -164,7 +164,6 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_toy_model(args.geometry, seed=args.seed).train()
     tokenizer = build_tokenizer()
     heads = AuxHeads(model.config.text_config.hidden_size)

@@ -4,6 +4,7 @@ pooling to a ceil(g/2) grid per frame, flattened, one `image_newline` after the 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,18 @@ class EncodedVideo:
 DEFAULT_TEMPLATE = "<|im_start|>user <video>\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _normalisation(folder, mean, std):
-    """image_mean / image_std from a local checkpoint's (video) preprocessor config, if it has one."""
+_NORMALISATION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _normalisation(model, mean, std):
+    """image_mean / image_std from the local checkpoint folder the model was loaded from, if it has a
+    (video) preprocessor config; read once per model, since an adapter is built on every call."""
+    if model not in _NORMALISATION:
+        _NORMALISATION[model] = _read_normalisation(getattr(model, "name_or_path", ""), mean, std)
+    return _NORMALISATION[model]
+
+
+def _read_normalisation(folder, mean, std):
     import json
     import os
 
@@ -65,7 +76,7 @@ class LlavaOnevisionAdapter:
         self.video_token_id = config.video_token_id
         self.num_layers = config.text_config.num_hidden_layers
         # SigLIP's normalisation, unless the checkpoint folder says otherwise
-        self.image_mean, self.image_std = _normalisation(getattr(model, "name_or_path", ""), (0.5,) * 3, (0.5,) * 3)
+        self.image_mean, self.image_std = _normalisation(model, (0.5,) * 3, (0.5,) * 3)
 
     def layout(self) -> dict:
         """What a guide must share with the main model for its frame weights to mean the same frames."""
@@ -77,6 +88,12 @@ class LlavaOnevisionAdapter:
             "video_token_id": self.video_token_id,
             "vocab_size": config.text_config.vocab_size,
         }
+
+    def pixels(self, video, frames: int | None = None) -> torch.Tensor:
+        """A path, uint8 frames or pixel values -> pixel values [F, 3, S, S] for this model."""
+        from ..pipeline import load_pixels
+
+        return load_pixels(video, frames, self.image_size, self.image_mean, self.image_std)
 
     @property
     def device(self):
