@@ -210,20 +210,17 @@ class LlavaOnevisionAdapter:
 
     # LLM -----------------------------------------------------------------------------------
 
-    def _mm_outputs(self, video_embeds: torch.Tensor) -> dict:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return {"video": BaseModelOutputWithPooling(pooler_output=video_embeds[None])}
-
     def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor) -> dict:
         """Keyword arguments for model(...) / model.generate(...): video_embeds [N, D] fill the N placeholders."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         placeholders = int((input_ids == self.video_token_id).sum())
         if placeholders != video_embeds.shape[0]:
             raise ValueError(f"{placeholders} video placeholders for {video_embeds.shape[0]} video tokens")
         return {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
-            "mm_encoder_outputs": self._mm_outputs(video_embeds),
+            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=video_embeds[None])},
         }
 
     def token_attention(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, layers: list[int]) -> torch.Tensor:
