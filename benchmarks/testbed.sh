@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Reproduces the testbed results under benchmarks/results/ from the shipped toy models.
-# Weights: python -m vidtok.train --out src/vidtok/assets/toy-main --geometry main
-#          python -m vidtok.train --out src/vidtok/assets/toy-assistant --geometry assistant --vision-from src/vidtok/assets/toy-main
+# Weights: python -m vidtok.testbed.train --out src/vidtok/testbed/assets/toy-main --geometry main
+#          python -m vidtok.testbed.train --out src/vidtok/testbed/assets/toy-assistant --geometry assistant --vision-from src/vidtok/testbed/assets/toy-main
 set -euo pipefail
 cd "$(dirname "$0")/.."
 vidtok synth data/calib --count 100 --seed 7
-vidtok calibrate data/calib --model src/vidtok/assets/toy-main --plot benchmarks/results/prior-toy-main.png
-vidtok calibrate data/calib --model src/vidtok/assets/toy-assistant --plot benchmarks/results/prior-toy-assistant.png
+vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-main --plot benchmarks/results/prior-toy-main.png
+vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-assistant --plot benchmarks/results/prior-toy-assistant.png
 vidtok synth data/test16 --count 200 --seed 1
 vidtok eval data/test16 --out benchmarks/results/eval-test16 --quiet
 # harder, out of the training distribution: 32 frames, 3 needles

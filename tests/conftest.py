@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vidtok.toy import build_tokenizer, build_toy_model
+from vidtok.testbed.toy import build_tokenizer, build_toy_model
 
 from helpers import FRAMES
 

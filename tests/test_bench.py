@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vidtok import adapter_for, flops
-from vidtok.bench import STAGES, BenchConfig, PeakMemory, build_model, expand_runs, measure, run_bench, table
+from vidtok import adapter_for
+from vidtok.harness import flops
+from vidtok.harness.bench import STAGES, BenchConfig, PeakMemory, build_model, expand_runs, measure, run_bench, table
 from vidtok.compressors import DyToK, VisionZip
 from vidtok.pipeline import _Timer, device_sync
-from vidtok.toy import build_tokenizer, build_toy_model
+from vidtok.testbed.toy import build_tokenizer, build_toy_model
 
 
 def counted(fn) -> int:

@@ -16,7 +16,7 @@ def run_json(capsys, *args):
 def test_default_run_answers_the_sample(capsys):
     record = run_json(capsys)
     assert KEYS <= record.keys()
-    sample = json.loads((__import__("vidtok").toy.ASSETS / "sample" / "sample.json").read_text())
+    sample = json.loads((__import__("vidtok.testbed.toy").testbed.toy.ASSETS / "sample" / "sample.json").read_text())
     assert record["answer"] == sample["answer"]
     assert record["guide"] == "assistant" and record["method"] == "visionzip"
     assert sum(record["budgets"]) == record["total_budget"] == record["visual_tokens_kept"]
@@ -51,7 +51,7 @@ def test_readable_report(capsys):
         (["--model", "/nonexistent"], "no model at"),
         (["--frames", "40"], "ask for 16 frames or fewer"),
         (["/nonexistent.mp4", "what ?"], "no video file"),
-        (["--guide", "assistant", "--model", "src/vidtok/assets/toy-main"], "needs --assistant"),
+        (["--guide", "assistant", "--model", "src/vidtok/testbed/assets/toy-main"], "needs --assistant"),
         (["--guide", "none", "--floor", "1"], "need --guide self or assistant"),
     ],
 )
@@ -69,7 +69,7 @@ def test_unreadable_video(capsys, tmp_path):
 
 
 def test_assistant_with_another_tokenizer_is_refused(capsys, tmp_path):
-    from vidtok.toy import build_tokenizer, build_toy_model
+    from vidtok.testbed.toy import build_tokenizer, build_toy_model
 
     model = build_toy_model("assistant")
     model.save_pretrained(tmp_path)
@@ -89,7 +89,7 @@ def test_unsupported_model_folder(capsys, tmp_path):
 
 
 def test_any_saved_checkpoint_loads_by_path(capsys, tmp_path):
-    from vidtok.toy import build_tokenizer, build_toy_model
+    from vidtok.testbed.toy import build_tokenizer, build_toy_model
 
     build_toy_model("test", seed=3).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)
@@ -101,7 +101,7 @@ def test_any_saved_checkpoint_loads_by_path(capsys, tmp_path):
 def test_without_shipped_weights_the_default_says_its_answers_are_meaningless(capsys, tmp_path, monkeypatch):
     import shutil
 
-    import vidtok.toy as toy
+    import vidtok.testbed.toy as toy
 
     shutil.copytree(toy.ASSETS / "sample", tmp_path / "sample")
     monkeypatch.setattr(toy, "ASSETS", tmp_path)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vidtok import adapter_for, frame_weights, last_token_attention, parse_layers
-from vidtok.toy import build_toy_model
+from vidtok.testbed.toy import build_toy_model
 
 from helpers import FRAMES, assert_unchanged, snapshot
 

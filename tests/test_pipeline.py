@@ -3,7 +3,7 @@ import torch
 
 import vidtok
 from vidtok import DyToK, Full, Random, Uniform, VisionZip, adapter_for, generate, prepare
-from vidtok.toy import build_toy_model
+from vidtok.testbed.toy import build_toy_model
 
 from helpers import FRAMES, assert_unchanged, snapshot
 

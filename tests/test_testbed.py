@@ -8,8 +8,8 @@ import torch
 
 import vidtok
 from vidtok import DyToK, VisionZip
-from vidtok.synth import make_sample, read_split, samples, write_split
-from vidtok.toy import ASSETS, calibrated_layers, load_default
+from vidtok.testbed.synth import make_sample, read_split, samples, write_split
+from vidtok.testbed.toy import ASSETS, calibrated_layers, load_default
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_generator_is_query_conditioned():
         asked = [n for n in s.needles if n["colour"] in s.question]
         assert len(asked) == 1 and asked[0]["shape"] == s.answer and asked[0]["frame"] == s.needle_frame
         # the needle colour appears in exactly one cell of the whole video
-        assert (s.labels[..., 0] == vidtok.toy.COLOURS.index(asked[0]["colour"]) + 1).sum() == 1
+        assert (s.labels[..., 0] == vidtok.testbed.toy.COLOURS.index(asked[0]["colour"]) + 1).sum() == 1
         r, c = divmod(s.needle_token, 4)
         cell = s.frames[s.needle_frame, 16 * r : 16 * r + 16, 16 * c : 16 * c + 16]
         assert cell.any()
@@ -94,7 +94,7 @@ def test_calibration_is_stored_with_the_models():
 
 
 def test_calibrate_finds_the_prior_layer(toy, split):
-    from vidtok.analysis import calibrate
+    from vidtok.harness.analysis import calibrate
 
     model, tokenizer, _ = toy
     result = calibrate(model, tokenizer, read_split(split)[:12])
@@ -105,7 +105,7 @@ def test_calibrate_finds_the_prior_layer(toy, split):
 
 
 def test_eval_end_to_end_and_skips_finished_runs(toy, split, tmp_path):
-    from vidtok.evaluate import EvalConfig, evaluate
+    from vidtok.harness.evaluate import EvalConfig, evaluate
 
     model, tokenizer, assistant = toy
     config = EvalConfig(split=str(split), out=str(tmp_path), methods=["visionzip"], guides=["none", "assistant"], retentions=[0.125], limit=6)
@@ -122,7 +122,7 @@ def test_eval_end_to_end_and_skips_finished_runs(toy, split, tmp_path):
 
 
 def test_wilson_interval():
-    from vidtok.evaluate import wilson
+    from vidtok.harness.evaluate import wilson
 
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
@@ -140,7 +140,7 @@ def test_viz_writes_a_png(tmp_path):
 def test_training_smoke(tmp_path):
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-    from vidtok.train import main
+    from vidtok.testbed.train import main
 
     main(["--out", str(tmp_path), "--geometry", "test", "--vision-steps", "2", "--steps", "2", "--batch", "2"])
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path)
@@ -149,4 +149,4 @@ def test_training_smoke(tmp_path):
     assert result.plan.visual_tokens_kept == 16
     assert "auxiliary" in (tmp_path / "README.md").read_text()
     # the auxiliary heads and the probe stay out of the checkpoint: exactly the architecture's weights
-    assert model.state_dict().keys() == vidtok.toy.build_toy_model("test").state_dict().keys()
+    assert model.state_dict().keys() == vidtok.testbed.toy.build_toy_model("test").state_dict().keys()

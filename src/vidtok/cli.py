@@ -36,7 +36,7 @@ def load_model(path):
 
 def _load(args):
     """(model, tokenizer, assistant or None, note or None) from --model/--assistant, else the shipped toy pair."""
-    from .toy import load_default
+    from .testbed.toy import load_default
 
     note, assistant = None, None
     if args.model is None:
@@ -51,7 +51,7 @@ def _load(args):
 
 
 def _method(args, model, assistant):
-    from .toy import calibrated_layers
+    from .testbed.toy import calibrated_layers
 
     guide = args.guide or ("none" if args.method == "full" else "assistant" if assistant is not None else "self")
     guide_model = model if guide == "self" else assistant
@@ -60,7 +60,7 @@ def _method(args, model, assistant):
 
 
 def _video_and_question(args):
-    from .toy import default_question, default_video
+    from .testbed.toy import default_question, default_video
 
     video = args.video or default_video()
     question = args.question or (default_question() if args.video is None else None)
@@ -100,7 +100,7 @@ def cmd_run(args) -> int:
 
 def cmd_viz(args) -> int:
     from . import pipeline
-    from .viz import render
+    from .harness.viz import render
 
     model, tokenizer, assistant, note = _load(args)
     method = _method(args, model, assistant)
@@ -115,7 +115,7 @@ def cmd_viz(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import EvalConfig, evaluate
+    from .harness.evaluate import EvalConfig, evaluate
 
     model, tokenizer, assistant, note = _load(args)
     if note:
@@ -145,8 +145,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .analysis import calibrate, plot_prior
-    from .synth import read_split
+    from .harness.analysis import calibrate, plot_prior
+    from .testbed.synth import read_split
 
     model, tokenizer = _load(args)[:2]
     records = read_split(args.split)[: args.limit]
@@ -163,7 +163,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BenchConfig, run_bench, table
+    from .harness.bench import BenchConfig, run_bench, table
 
     config = BenchConfig.load(args.config)
     if args.repeats is not None:
@@ -180,7 +180,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .synth import write_split
+    from .testbed.synth import write_split
 
     path = write_split(args.out, args.seed, args.count, frames=args.frames, needles=args.needles)
     print(f"wrote {args.count} videos and {path}")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .importance import frame_weights
+from ..importance import frame_weights
 
 
 @torch.no_grad()
 def layer_frame_weights(model, tokenizer, records) -> list[torch.Tensor]:
     """[layers, F] frame weights per record, every layer of the model as guide."""
-    from .models import adapter_for
+    from ..models import adapter_for
 
     adapter = adapter_for(model)
     every = list(range(adapter.num_layers))
@@ -71,7 +71,7 @@ def best_range(weights: list[torch.Tensor], records) -> tuple[list[int], dict]:
 
 
 def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> dict:
-    from .toy import CALIBRATION_FILE
+    from ..testbed.toy import CALIBRATION_FILE
 
     if not records or any("needle_frame" not in r for r in records):
         raise ValueError("calibration needs a labelled split: every record with a needle_frame")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import flops
-from .pipeline import _Timer, device_sync, prepare
+from ..pipeline import _Timer, device_sync, prepare
 
 STAGES = ("decode", "vision", "guide_vision", "guide", "compress", "prefill")
 
@@ -53,7 +53,7 @@ class BenchConfig:
 def build_model(spec: dict, seed: int, dtype, device, vision_from=None):
     from transformers import AutoModelForImageTextToText, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from .toy import SPECIALS, build_toy_model
+    from ..testbed.toy import SPECIALS, build_toy_model
 
     if "path" in spec:
         return AutoModelForImageTextToText.from_pretrained(spec["path"], dtype=dtype).to(device).eval()
@@ -153,7 +153,7 @@ def expand_runs(config: BenchConfig) -> list[dict]:
 
 
 def _method(row, assistant):
-    from .compressors import build_method
+    from ..compressors import build_method
 
     retention = None if row["method"] == "full" else row["retention"]
     return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"])
@@ -224,8 +224,8 @@ def bench_video(path: Path, frames: int, size: int) -> Path:
     """A synthetic clip (the needle task's frames, upscaled) of `frames` frames at `size` px."""
     import numpy as np
 
-    from .synth import make_sample
-    from .video import write_video
+    from ..testbed.synth import make_sample
+    from ..video import write_video
 
     sample = make_sample(np.random.default_rng(0), frames=frames, needles=min(2, frames))
     scale = -(-size // sample.frames.shape[1])
@@ -235,8 +235,8 @@ def bench_video(path: Path, frames: int, size: int) -> Path:
 
 
 def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
-    from .models import adapter_for
-    from .toy import build_tokenizer
+    from ..models import adapter_for
+    from ..testbed.toy import build_tokenizer
 
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device))
     dtype = getattr(torch, config.dtype)

@@ -104,7 +104,7 @@ def samples(seed: int, count: int, **kwargs):
 
 def write_split(out_dir: str | os.PathLike, seed: int, count: int, **kwargs) -> Path:
     """Write `count` samples as mp4 files plus `questions.jsonl`; returns the JSONL path."""
-    from .video import write_video
+    from ..video import write_video
 
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)

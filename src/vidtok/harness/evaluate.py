@@ -29,8 +29,8 @@ class EvalConfig:
     guide_pool: int = field(default=1, metadata={"help": "guided runs: the guide sees frames pooled k x k"})
 
     def __post_init__(self):
-        from .budget import check_retention
-        from .compressors import GUIDES, METHODS
+        from ..budget import check_retention
+        from ..compressors import GUIDES, METHODS
 
         for r in self.retentions:
             check_retention(r)
@@ -68,11 +68,11 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     """Run every configuration not yet on disk; returns the summaries of all of them."""
     from tqdm.auto import tqdm
 
-    from .compressors import build_method
-    from .pipeline import generate
-    from .models import adapter_for
-    from .synth import read_split
-    from .toy import calibrated_layers
+    from ..compressors import build_method
+    from ..pipeline import generate
+    from ..models import adapter_for
+    from ..testbed.synth import read_split
+    from ..testbed.toy import calibrated_layers
 
     records = read_split(config.split)[: config.limit]
     if not records:

@@ -1,8 +1,8 @@
 """Train the toy LLaVA-OneVision models on the synthetic needle task, from scratch, on a CPU.
 
-    python -m vidtok.train --out src/vidtok/assets/toy-main --geometry main
-    python -m vidtok.train --out src/vidtok/assets/toy-assistant --geometry assistant \
-        --vision-from src/vidtok/assets/toy-main
+    python -m vidtok.testbed.train --out src/vidtok/testbed/assets/toy-main --geometry main
+    python -m vidtok.testbed.train --out src/vidtok/testbed/assets/toy-assistant --geometry assistant \
+        --vision-from src/vidtok/testbed/assets/toy-main
 
 What makes it train in minutes (plain answer-only training from scratch learned nothing in 30
 CPU minutes): a vision-only stage with auxiliary per-token heads (colour/none, shape/none) on
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .synth import CELL, MASKS, RGB, make_sample
 from .toy import COLOURS, SHAPES, build_tokenizer, build_toy_model
-from .video import preprocess
+from ..video import preprocess
 
 
 def random_frames(rng: np.random.Generator, count: int, size: int = 64):
@@ -101,7 +101,7 @@ def _batch(rng, frames, batch, tokenizer, adapter):
 def train_joint(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum, advance_at, deadline):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from .models import adapter_for
+    from ..models import adapter_for
 
     adapter = adapter_for(model)
     model.model.vision_tower.requires_grad_(False)
@@ -197,7 +197,7 @@ A LLaVA-OneVision-architecture model (SigLIP + Qwen2, `LlavaOnevisionForConditio
 trained from scratch on vidtok's synthetic needle task ("what shape is <colour> ?", 64-px frames,
 16 tokens per frame). It is a testbed for token compression, not a general video model.
 
-- Command: `python -m vidtok.train --out {args.out} --geometry {args.geometry} --seed {args.seed}{' --vision-from ' + args.vision_from if args.vision_from else ''}`
+- Command: `python -m vidtok.testbed.train --out {args.out} --geometry {args.geometry} --seed {args.seed}{' --vision-from ' + args.vision_from if args.vision_from else ''}`
 - Trained {seconds / 60:.1f} CPU minutes; last train accuracy {final.get('accuracy', float('nan')):.3f}
   at {final.get('frames')} frames.
 - Training used auxiliary heads that are **not** part of this checkpoint: per-token colour/shape
