@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
 from .budget import allocate_budgets, total_budget
 from .compressors import Compressor, DyToK, Full
 from .importance import frame_weights, parse_layers
 from .models import adapter_for
-from .video import VideoError, preprocess, read_frames
 
 
 @dataclass
@@ -85,23 +82,6 @@ def _describe(method) -> tuple[Compressor, DyToK | None]:
     if isinstance(method, Compressor):
         return method, None
     raise TypeError(f"method must be a compressor (Full, Uniform, Random, VisionZip) or DyToK(...), got {type(method).__name__}")
-
-
-def load_pixels(video, frames: int | None, size: int, mean, std) -> torch.Tensor:
-    """A path, uint8 frames [F, H, W, 3] or pixel values [F, 3, S, S] -> pixel values."""
-    if isinstance(video, (str, os.PathLike)):
-        video = read_frames(video, 32 if frames is None else frames)
-    if isinstance(video, torch.Tensor) and video.is_floating_point():
-        if video.ndim != 4 or tuple(video.shape[1:]) != (3, size, size):
-            raise VideoError(f"pixel values must be [F, 3, {size}, {size}] for this model, got {tuple(video.shape)}")
-        pixels = video
-    else:
-        pixels = preprocess(np.asarray(video), size, mean, std)
-    if pixels.shape[0] == 0:
-        raise VideoError("the video has zero frames")
-    if frames is not None and pixels.shape[0] != frames:
-        raise VideoError(f"the video has {pixels.shape[0]} frames, {frames} were asked for")
-    return pixels
 
 
 def _guide_adapter(dytok: DyToK, adapter):

@@ -75,6 +75,23 @@ def preprocess(frames: np.ndarray | torch.Tensor, size: int, mean: Sequence[floa
     return (pixels - mean_t) / std_t
 
 
+def load_pixels(video, frames: int | None, size: int, mean, std) -> torch.Tensor:
+    """A path, uint8 frames [F, H, W, 3] or pixel values [F, 3, S, S] -> pixel values."""
+    if isinstance(video, (str, os.PathLike)):
+        video = read_frames(video, 32 if frames is None else frames)
+    if isinstance(video, torch.Tensor) and video.is_floating_point():
+        if video.ndim != 4 or tuple(video.shape[1:]) != (3, size, size):
+            raise VideoError(f"pixel values must be [F, 3, {size}, {size}] for this model, got {tuple(video.shape)}")
+        pixels = video
+    else:
+        pixels = preprocess(np.asarray(video), size, mean, std)
+    if pixels.shape[0] == 0:
+        raise VideoError("the video has zero frames")
+    if frames is not None and pixels.shape[0] != frames:
+        raise VideoError(f"the video has {pixels.shape[0]} frames, {frames} were asked for")
+    return pixels
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 4) -> None:
     """uint8 RGB frames [F, H, W, 3] -> an mp4 (H.264, lossless-ish: crf 0, yuv444p)."""
     import av

@@ -12,6 +12,7 @@ import torch
 from .._seam import StopForward, observe_attention
 from ..compressors.base import FrameSignals
 from ..importance import last_token_attention
+from ..video import load_pixels
 
 
 @dataclass
@@ -91,8 +92,6 @@ class LlavaOnevisionAdapter:
 
     def pixels(self, video, frames: int | None = None) -> torch.Tensor:
         """A path, uint8 frames or pixel values -> pixel values [F, 3, S, S] for this model."""
-        from ..pipeline import load_pixels
-
         return load_pixels(video, frames, self.image_size, self.image_mean, self.image_std)
 
     @property
