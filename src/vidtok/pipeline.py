@@ -47,7 +47,8 @@ class Prepared:
 class Result:
     text: str
     plan: Plan
-    sequences: torch.Tensor
+    sequences: torch.Tensor  # prompt + new tokens
+    prompt_tokens: int = 0  # prompt length as the LLM saw it (compressed video included)
 
 
 class _Timer:
@@ -205,4 +206,4 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
         sequences = model.generate(**prepared.inputs, **generate_kwargs)
     prompt_length = prepared.inputs["input_ids"].shape[1]
     text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
-    return Result(text=text, plan=prepared.plan, sequences=sequences)
+    return Result(text=text, plan=prepared.plan, sequences=sequences, prompt_tokens=prompt_length)

@@ -1,0 +1,1 @@
+"""Bridges to the tools researchers already use (optional extras; the core never imports them)."""

@@ -1,0 +1,268 @@
+"""vidtok as an lmms-eval model: `lmms-eval --model vidtok --model_args pretrained=DIR,method=...`.
+
+Registered through lmms-eval's `lmms_eval.models` entry-point group (see pyproject.toml), so an
+unmodified lmms-eval 0.7.x finds it. Each request's video is decoded and answered by vidtok's
+one-call API (`vidtok.generate`); the plan of every sample (budgets, kept tokens, frame weights,
+stage seconds) goes to a per-sample JSONL beside lmms-eval's own sample logs, and the prompt and
+answer token counts to lmms-eval's `token_counts` field. Data-parallel runs need nothing from
+this class: lmms-eval shards documents by rank and gathers the results itself.
+
+Bad `--model_args` end the run before any model loads with one line that names the key and the
+fix (a `ModelArgsError`, a SystemExit: lmms-eval prints tracebacks for ordinary exceptions and
+then exits 0, which would hide the mistake).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..compressors import GUIDES, METHODS
+from ..budget import check_retention
+
+MODEL_ID = "vidtok"
+
+
+class ModelArgsError(SystemExit):
+    """A bad --model_args value: the process exits (status 1) with this one line on stderr."""
+
+    def __init__(self, message: str):
+        super().__init__(f"vidtok (lmms-eval --model_args): {message}")
+
+
+@dataclass
+class ModelArgs:
+    """Every `--model_args` key the vidtok lmms-eval model accepts."""
+
+    pretrained: str = field(default="toy", metadata={"help": "main model folder (config + safetensors + tokenizer), or a shipped toy name"})
+    method: str = field(default="visionzip", metadata={"help": f"base compressor: {', '.join(METHODS)}"})
+    guide: str | None = field(default=None, metadata={"help": "none | self | assistant (default: assistant when given, else self; none for full)"})
+    assistant: str | None = field(default=None, metadata={"help": "assistant model folder for guide=assistant"})
+    retention: float | None = field(default=None, metadata={"help": "kept share of visual tokens in (0, 1] (default 0.25; full: 1)"})
+    frames: int = field(default=32, metadata={"help": "frames sampled uniformly per video"})
+    layers: str | None = field(default=None, metadata={"help": "guide layers 'A-B' or 'A;B;C' (default: calibrated, else the last third)"})
+    cap: int | None = field(default=None, metadata={"help": "max tokens per frame"})
+    floor: int = field(default=0, metadata={"help": "min tokens per frame"})
+    seed: int = field(default=0, metadata={"help": "seed of method=random"})
+    guide_pool: int = field(default=1, metadata={"help": "the guide sees frames average-pooled k x k"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (this rank's GPU when there is one)"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    max_new_tokens: int = field(default=32, metadata={"help": "used when the task gives none"})
+    plan_log: str | None = field(default=None, metadata={"help": "per-sample plan JSONL (default: VIDTOK_PLAN_LOG, else none); one file per rank"})
+
+    @classmethod
+    def parse(cls, raw: dict) -> "ModelArgs":
+        """Validate everything a user can get wrong, before anything heavy happens."""
+        known = {f.name for f in fields(cls)}
+        # lmms-eval adds these from its own flags; vidtok runs one sample at a time
+        ignored = {"batch_size", "max_batch_size"}
+        unknown = sorted(set(raw) - known - ignored)
+        if unknown:
+            raise ModelArgsError(f"unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+        batch = raw.get("batch_size")
+        if batch not in (None, 1, "1", "auto"):
+            raise ModelArgsError(f"batch_size {batch!r}: vidtok answers one video at a time; use --batch_size 1")
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        args = cls(**values)
+        args._check()
+        return args
+
+    def _check(self) -> None:
+        def need(ok, message):
+            if not ok:
+                raise ModelArgsError(message)
+
+        need(self.method in METHODS, f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        need(self.guide is None or self.guide in GUIDES, f"guide={self.guide!r} is unknown; choose one of {', '.join(GUIDES)}")
+        if self.retention is not None:
+            try:
+                check_retention(self.retention)
+            except ValueError as error:
+                raise ModelArgsError(f"retention={self.retention!r}: {error}") from None
+        need(isinstance(self.frames, int) and not isinstance(self.frames, bool) and self.frames >= 1, f"frames={self.frames!r} must be a positive integer")
+        for name in ("floor", "seed", "max_new_tokens", "guide_pool"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{name}={value!r} must be a non-negative integer")
+        need(self.cap is None or (isinstance(self.cap, int) and self.cap >= 1), f"cap={self.cap!r} must be a positive integer")
+        need(self.dtype in ("float32", "bfloat16", "float16"), f"dtype={self.dtype!r}; use float32, bfloat16 or float16")
+        if self.guide == "assistant":
+            need(self.assistant is not None, "guide=assistant needs assistant=<checkpoint folder> (an assistant of the same family)")
+        if self.assistant is not None and self.guide in ("none", "self"):
+            raise ModelArgsError(f"assistant= is given but guide={self.guide}; drop assistant= or use guide=assistant")
+        if self.method == "full":
+            need(self.guide in (None, "none"), "method=full keeps every token: drop guide= (there is nothing to guide)")
+            need(self.retention in (None, 1, 1.0), "method=full keeps every token: drop retention=")
+        for name in ("pretrained", "assistant"):
+            path = getattr(self, name)
+            if path is not None and not _is_toy_name(path):
+                need(Path(path, "config.json").is_file(), f"{name}={path!r} is not a model folder (no config.json there); vidtok never downloads: give a local checkpoint folder")
+
+    @property
+    def layer_spec(self):
+        if self.layers is None:
+            return None
+        text = str(self.layers).strip("\"'")
+        return text.replace(";", ",")
+
+
+def _is_toy_name(name) -> bool:
+    return str(name) in ("toy", "toy-assistant")
+
+
+def _load(name):
+    from ..cli import UsageError, load_model
+    from ..testbed.toy import ASSETS
+
+    path = {"toy": ASSETS / "toy-main", "toy-assistant": ASSETS / "toy-assistant"}.get(str(name), name)
+    try:
+        return load_model(path)
+    except UsageError as error:
+        raise ModelArgsError(str(error)) from None
+
+
+def model_help() -> str:
+    return "\n".join(f"  {f.name:<15} {f.metadata.get('help', '')}" for f in fields(ModelArgs))
+
+
+def _base():
+    from lmms_eval.api.model import lmms
+
+    return lmms
+
+
+class VidtokLMM(_base()):
+    """lmms-eval model: vidtok's compression in front of any supported Video LLM."""
+
+    is_simple = True
+
+    def __init__(self, **model_args):
+        super().__init__()
+        import torch
+
+        from ..compressors import build_method
+        from ..testbed.toy import calibrated_layers
+
+        self.args = args = ModelArgs.parse(model_args)
+        self._device = _pick_device(args.device)
+        dtype = getattr(torch, args.dtype)
+        model, self.tokenizer = _load(args.pretrained)
+        self.model = model.to(self._device, dtype).eval()
+        assistant = None
+        guide = args.guide or ("none" if args.method == "full" else "assistant" if args.assistant else "self")
+        if args.assistant is not None:
+            assistant, assistant_tokenizer = _load(args.assistant)
+            if assistant_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ModelArgsError(f"assistant {args.assistant!r} has another tokenizer than {args.pretrained!r}; use an assistant of the same family")
+            assistant = assistant.to(self._device, dtype).eval()
+        guide_model = self.model if guide == "self" else assistant
+        layers = args.layer_spec if args.layer_spec is not None else (calibrated_layers(guide_model) if guide != "none" else None)
+        try:
+            self.method = build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool)
+        except (TypeError, ValueError) as error:
+            raise ModelArgsError(str(error)) from None
+        self.guide = guide
+        self.batch_size_per_gpu = 1
+        log = args.plan_log or os.environ.get("VIDTOK_PLAN_LOG")
+        self._plan_log = None if not log else Path(log)
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self):
+        return 1
+
+    def _plan_path(self) -> Path | None:
+        if self._plan_log is None:
+            return None
+        if self.world_size > 1:
+            return self._plan_log.with_name(f"{self._plan_log.stem}.rank{self.rank}{self._plan_log.suffix}")
+        return self._plan_log
+
+    def generate_until(self, requests):
+        from lmms_eval.api.instance import GenerationResult, TokenCounts
+        from tqdm.auto import tqdm
+
+        from ..pipeline import generate
+
+        path = self._plan_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        out = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="vidtok"):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            videos = [v for v in visuals if isinstance(v, (str, os.PathLike))]
+            if len(videos) != 1 or len(visuals) != 1:
+                raise ValueError(f"{task} doc {doc_id}: vidtok answers about exactly one video per question, got {len(visuals)} visuals")
+            kwargs = _generation_kwargs(gen_kwargs, self.args.max_new_tokens)
+            result = generate(self.model, self.tokenizer, videos[0], context, self.method, frames=self.args.frames, **kwargs)
+            text = _cut(result.text, gen_kwargs.get("until"))
+            new_tokens = int(result.sequences.shape[1]) - result.prompt_tokens
+            if path is not None:
+                record = {"task": task, "split": split, "doc_id": doc_id, "video": str(videos[0]), "answer": text, **result.plan.to_dict()}
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            out.append(GenerationResult(text=text, token_counts=TokenCounts(input_tokens=result.prompt_tokens, output_tokens=new_tokens)))
+        return out
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError(
+            "vidtok's lmms-eval model supports generate_until only (multiple-choice tasks answered by generation); "
+            "loglikelihood scoring of compressed videos is not implemented"
+        )
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("vidtok's lmms-eval model does not support multi-round generation; use single-turn tasks")
+
+
+def _pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelArgsError(f"device={name!r} is not a torch device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelArgsError(f"device={name!r} but torch sees no CUDA device; use device=cpu")
+    return device
+
+
+def _generation_kwargs(gen_kwargs: dict, default_new_tokens: int) -> dict:
+    """lmms-eval's task gen_kwargs -> transformers generate kwargs (greedy unless the task samples)."""
+    temperature = float(gen_kwargs.get("temperature", 0) or 0)
+    sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
+    kwargs = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens", default_new_tokens)), "do_sample": sample}
+    if sample:
+        kwargs["temperature"] = temperature
+        if gen_kwargs.get("top_p") is not None:
+            kwargs["top_p"] = float(gen_kwargs["top_p"])
+    return kwargs
+
+
+def _cut(text: str, until) -> str:
+    if isinstance(until, str):
+        until = [until]
+    for stop in until or []:
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+def manifest():
+    """The lmms-eval entry point: `lmms_eval.models` group -> this callable -> a ModelManifest."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path="vidtok.integrations.lmms_eval.VidtokLMM")
+
+
+def tasks_path() -> str:
+    """The folder of vidtok's own lmms-eval tasks, for `--include_path`."""
+    return str(Path(__file__).with_name("lmms_tasks"))

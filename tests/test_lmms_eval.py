@@ -1,0 +1,197 @@
+"""The lmms-eval plugin, through the real, unmodified lmms-eval CLI in subprocesses (offline).
+
+The reference is vidtok's own `vidtok eval` on the same samples and method: the plugin must give
+the same prediction for every sample, single-process and data-parallel (2 CPU processes).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import lmms_eval  # noqa: F401
+except ImportError:  # the README's setup line installs it; a missing install is a failure, not a skip
+    lmms_eval = None
+
+from vidtok.testbed.toy import ASSETS
+
+TASKS = Path(__file__).resolve().parents[1] / "src" / "vidtok" / "integrations" / "lmms_tasks"
+DATA = TASKS / "vidtok_synth" / "data"
+MAIN, ASSISTANT = ASSETS / "toy-main", ASSETS / "toy-assistant"
+# Static VisionZip at 12.5% answers some of these and misses others: a discriminating comparison.
+ARGS = f"pretrained={MAIN},method=visionzip,guide=none,retention=0.125,frames=16"
+GUIDED = f"pretrained={MAIN},assistant={ASSISTANT},method=visionzip,guide=assistant,retention=0.0625,frames=16"
+
+
+def _env(tmp_path):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TOKENIZERS_PARALLELISM="false")
+    env.pop("VIDTOK_SYNTH_SPLIT", None)
+    return env
+
+
+def _lmms(tmp_path, launcher, model_args, out, extra_env=None, timeout=600):
+    command = [
+        *launcher, "--model", "vidtok", "--model_args", f"{model_args},plan_log={out / 'plans.jsonl'}",
+        "--tasks", "vidtok_synth", "--include_path", str(TASKS), "--batch_size", "1",
+        "--output_path", str(out), "--log_samples",
+    ]  # fmt: skip
+    env = _env(tmp_path) | (extra_env or {})
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+
+
+def _samples(out) -> dict[int, dict]:
+    files = list(out.rglob("*_samples_vidtok_synth.jsonl"))
+    assert len(files) == 1, f"expected one sample log under {out}, found {files}"
+    rows = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+    by_id = {row["doc_id"]: row for row in rows}
+    assert len(by_id) == len(rows), "a sample was logged twice"
+    return by_id
+
+
+def _results(out) -> dict:
+    files = list(out.rglob("*_results.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def _plans(out) -> list[dict]:
+    return [json.loads(line) for f in sorted(out.glob("plans*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
+
+
+def _vidtok_eval(tmp_path, retention=0.125, guides="none", count=8):
+    """`vidtok eval` on the shipped split: {question id: prediction}, accuracy."""
+    out = tmp_path / "vidtok-eval"
+    command = [
+        sys.executable, "-m", "vidtok.cli", "eval", str(DATA), "--model", str(MAIN), "--assistant", str(ASSISTANT),
+        "--methods", "visionzip", "--guides", guides, "--retentions", str(retention), "--limit", str(count),
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stderr
+    folder = out / f"visionzip-{guides}-r{retention:g}"
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((folder / "results.json").read_text())
+    return {row["id"]: row["prediction"] for row in rows}, summary["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
+    return _vidtok_eval(tmp_path_factory.mktemp("ref"))
+
+
+def _check_against(reference, out):
+    predictions, accuracy = reference
+    samples = _samples(out)
+    assert sorted(samples) == list(range(8)), "every shipped question exactly once"
+    questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
+    for doc_id, row in samples.items():
+        assert row["filtered_resps"].split()[0] == predictions[questions[doc_id]["id"]], f"doc {doc_id}"
+        assert row["accuracy"] == float(row["filtered_resps"].split()[0] == row["target"])
+    reported = _results(out)["results"]["vidtok_synth"]["accuracy,none"]
+    assert reported == pytest.approx(accuracy)
+    return samples
+
+
+def test_single_process_equals_vidtok_eval_sample_by_sample(reference, tmp_path):
+    assert 0 < reference[1] < 1, "the comparison must include right and wrong answers"
+    out = tmp_path / "single"
+    done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], ARGS, out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    samples = _check_against(reference, out)
+    plans = _plans(out)
+    assert sorted(p["doc_id"] for p in plans) == list(range(8))
+    for plan in plans:
+        assert plan["method"] == "visionzip" and plan["guide"] is None
+        assert sum(plan["budgets"]) == plan["total_budget"] == plan["visual_tokens_kept"] == 32
+        assert [len(k) for k in plan["kept"]] == plan["budgets"]
+        assert plan["answer"] == samples[plan["doc_id"]]["filtered_resps"]
+    for row in samples.values():  # prompt = text + the kept visual tokens + the video's newline
+        assert row["token_counts"][0]["input_tokens"] > 32 and 1 <= row["token_counts"][0]["output_tokens"] <= 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCHERS = {
+    # torchrun starts one process per rank; lmms-eval sees WORLD_SIZE and gathers over gloo
+    "torchrun": lambda port: ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)],
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); --multi_gpu
+    # starts two, and with no GPU each runs on the CPU
+    "accelerate": lambda port: ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_gather_the_single_process_result(reference, tmp_path, launcher):
+    out = tmp_path / "dp"
+    done = _lmms(tmp_path, [sys.executable, *LAUNCHERS[launcher](_free_port()), "-m", "lmms_eval"], ARGS, out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _check_against(reference, out)
+    logs = done.stdout + done.stderr
+    assert "Running on rank 0" in logs and "Running on rank 1" in logs, "two processes must really run"
+    ranks = {f.name: {json.loads(line)["doc_id"] for line in f.read_text().splitlines()} for f in out.glob("plans*.jsonl")}
+    assert set(ranks) == {"plans.rank0.jsonl", "plans.rank1.jsonl"}
+    assert not ranks["plans.rank0.jsonl"] & ranks["plans.rank1.jsonl"], "each sample answered by one rank only"
+    assert ranks["plans.rank0.jsonl"] | ranks["plans.rank1.jsonl"] == set(range(8))
+
+
+def test_guided_run_reports_dytok_plans(tmp_path):
+    assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
+    out = tmp_path / "guided"
+    done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], GUIDED + ",layers=1", out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
+    for plan in _plans(out):
+        assert plan["guide"] == "assistant" and plan["guide_layers"] == [1]
+        assert sum(plan["budgets"]) == plan["total_budget"] == 16
+        weights = plan["frame_weights"]
+        assert len(weights) == 16 and abs(sum(weights) - 1) < 1e-5
+        # the assistant's prior points at the asked needle's frame (the shipped pair is trained for it)
+        needle = questions[plan["doc_id"]]["needle_frame"]
+        assert plan["budgets"][needle] == max(plan["budgets"])
+
+
+BAD = [
+    ("retention=2", "retention=2"),
+    ("methd=visionzip", "unknown key(s) ['methd']"),
+    ("method=fastvv", "method='fastvv' is unknown"),
+    ("guide=assistant", "guide=assistant needs assistant="),
+    ("frames=0", "frames=0 must be a positive integer"),
+    ("batch_size=4", "batch_size 4"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_model_args_fail_before_loading_with_one_line(extra, message):
+    assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
+    from vidtok.integrations.lmms_eval import ModelArgsError, VidtokLMM
+
+    with pytest.raises(ModelArgsError) as error:
+        VidtokLMM.create_from_arg_string(f"pretrained={MAIN},{extra}")
+    assert message in str(error.value.code)
+
+
+def test_missing_checkpoint_names_the_folder():
+    from vidtok.integrations.lmms_eval import ModelArgsError, ModelArgs
+
+    with pytest.raises(ModelArgsError, match="no config.json"):
+        ModelArgs.parse({"pretrained": "/no/such/checkpoint"})
+
+
+def test_bad_args_through_the_cli_exit_non_zero_without_a_traceback(tmp_path):
+    assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
+    done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], f"pretrained={MAIN},retention=1.5", tmp_path / "bad", timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "retention=1.5" in done.stderr and "(0, 1]" in done.stderr
+    assert not (tmp_path / "bad" / "plans.jsonl").exists()
