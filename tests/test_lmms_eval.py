@@ -44,9 +44,11 @@ def _lmms(tmp_path, launcher, model_args, out, extra_env=None, timeout=600):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
 
 
-def _samples(out) -> dict[int, dict]:
+def _samples(out, done=None) -> dict[int, dict]:
     files = list(out.rglob("*_samples_vidtok_synth.jsonl"))
-    assert len(files) == 1, f"expected one sample log under {out}, found {files}"
+    # lmms-eval exits 0 after a failed evaluation: its own output is the only account of why
+    said = "" if done is None else "\nlmms-eval said:\n" + done.stdout[-2000:] + done.stderr[-3000:]
+    assert len(files) == 1, f"expected one sample log under {out}, found {files}{said}"
     rows = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
     by_id = {row["doc_id"]: row for row in rows}
     assert len(by_id) == len(rows), "a sample was logged twice"
@@ -85,9 +87,9 @@ def reference(tmp_path_factory):
     return _vidtok_eval(tmp_path_factory.mktemp("ref"))
 
 
-def _check_against(reference, out):
+def _check_against(reference, out, done=None):
     predictions, accuracy = reference
-    samples = _samples(out)
+    samples = _samples(out, done)
     assert sorted(samples) == list(range(8)), "every shipped question exactly once"
     questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines()]
     for doc_id, row in samples.items():
@@ -103,7 +105,7 @@ def test_single_process_equals_vidtok_eval_sample_by_sample(reference, tmp_path)
     out = tmp_path / "single"
     done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], ARGS, out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    samples = _check_against(reference, out)
+    samples = _check_against(reference, out, done)
     plans = _plans(out)
     assert sorted(p["doc_id"] for p in plans) == list(range(8))
     for plan in plans:
@@ -136,7 +138,7 @@ def test_two_processes_gather_the_single_process_result(reference, tmp_path, lau
     out = tmp_path / "dp"
     done = _lmms(tmp_path, [sys.executable, *LAUNCHERS[launcher](_free_port()), "-m", "lmms_eval"], ARGS, out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    _check_against(reference, out)
+    _check_against(reference, out, done)
     logs = done.stdout + done.stderr
     assert "Running on rank 0" in logs and "Running on rank 1" in logs, "two processes must really run"
     ranks = {f.name: {json.loads(line)["doc_id"] for line in f.read_text().splitlines()} for f in out.glob("plans*.jsonl")}
