@@ -134,12 +134,21 @@ def cmd_eval(args) -> int:
         seed=args.seed,
         guide_pool=args.guide_pool,
     )
-    summaries = evaluate(config, model, tokenizer, assistant, progress=not args.quiet)
-    print(f"{'method':<10} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7}")
+    summaries = evaluate(config, model, tokenizer, assistant, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"{'method':<10} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7} {'failed':>6}")
     for s in summaries:
+        if s["accuracy"] is None:
+            print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} {'-':>9} {'-':>15} {'-':>12} {'-':>7} {s['failed']:>6}")
+            continue
         ci = f"[{100 * s['accuracy_ci95'][0]:.1f}, {100 * s['accuracy_ci95'][1]:.1f}]"
         kept = "-" if s["needle_survival"] is None else f"{100 * s['needle_survival']:.1f}%"
-        print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} {100 * s['accuracy']:>8.1f}% {ci:>15} {kept:>12} {s['mean_kept_tokens']:>7.1f}")
+        print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} {100 * s['accuracy']:>8.1f}% {ci:>15} {kept:>12} "
+              f"{s['mean_kept_tokens']:>7.1f} {s['failed']:>6}")
+    failed = {f["index"]: f["reason"] for s in summaries for f in s["failures"]}
+    if failed:
+        index, reason = next(iter(failed.items()))
+        print(f"{len(failed)} sample(s) failed and are left out of the accuracy (e.g. sample {index}: {reason}); "
+              "reasons in each results.json under 'failures'; fix them and re-run to retry")
     print(f"results in {out}/ (summary.json, accuracy.png)")
     return 0
 
@@ -249,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--guide-pool", type=int, default=1, help="guided runs: the guide sees frames pooled k x k")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="recompute result folders made by a different evaluation (other split, limit, model, layers, ...) instead of refusing")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 

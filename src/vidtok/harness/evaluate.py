@@ -1,19 +1,26 @@
 """`vidtok eval`: methods x guides x retentions over a split of JSONL + mp4 files.
 
-One result folder per configuration, named from it (`visionzip-assistant-r0.125`); a folder
-whose results.json exists is skipped, so an interrupted run resumes. Each holds per-sample
-predictions, accuracy with a 95% Wilson interval, needle-token survival, mean kept tokens and
-seconds. A PNG of accuracy vs retention sits beside them.
+One result folder per configuration, named from it (`visionzip-assistant-r0.125`), holding
+identity.json (what produced it: split hash, limit, seed, layers, model, assistant and tokenizer
+fingerprints, method, vidtok version), predictions.jsonl (one fsync'd line per sample, failed
+samples with their reason) and results.json (accuracy with a 95% Wilson interval, needle-token
+survival, mean kept tokens and seconds, failures). An interrupted run resumes from the last
+finished sample; results of a different evaluation are never reused. A PNG of accuracy vs
+retention sits beside them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .files import JsonlLog, atomic_write_json, writable_dir
 
 
 @dataclass
@@ -30,6 +37,9 @@ class EvalConfig:
 
     def __post_init__(self):
         from ..budget import check_retention
+
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
         from ..compressors import GUIDES, METHODS
 
         for r in self.retentions:
@@ -64,86 +74,317 @@ def run_name(method: str, guide: str, retention: float, guide_pool: int = 1) -> 
     return f"{method}-{guide}" + (f"-pool{guide_pool}" if guide_pool != 1 else "") + f"-r{retention:g}"
 
 
-def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: bool = True) -> list[dict]:
-    """Run every configuration not yet on disk; returns the summaries of all of them."""
+class ResultMismatchError(ValueError):
+    """A result folder holds results of a different evaluation than the one asked for."""
+
+
+EVAL_GENERATION = {"max_new_tokens": 2, "do_sample": False}  # part of every result's identity
+
+
+def model_fingerprint(model) -> dict:
+    """What identifies a model's behaviour, cheaply: its class, its config (paths and versions
+    left out) and a hash of every weight tensor's name, shape, dtype and 64 values spread over it.
+    Retrained, re-quantised or re-configured weights change it; moving the folder does not."""
+    import hashlib
+
+    import torch
+
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
+    weights = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 64)).long().to(flat.device)
+            weights.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            weights.update(flat[picks].float().cpu().numpy().tobytes())
+    return {
+        "class": type(model).__name__,
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "weights_sha256": weights.hexdigest(),
+    }
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps([vocab, getattr(tokenizer, "chat_template", None)], default=str).encode()).hexdigest()
+
+
+def split_file(split) -> Path:
+    path = Path(split)
+    return path / "questions.jsonl" if path.is_dir() else path
+
+
+def run_identity(run, method, config: EvalConfig, split_sha256: str, model_id: dict, tokenizer_id: str, assistant_id, layers) -> dict:
+    """Everything that decides a configuration's numbers; a stored result is reused only when equal."""
+    from .. import __version__
+
+    name, guide, retention, pool = run
+    return {
+        "vidtok": __version__,
+        "split_sha256": split_sha256,
+        "limit": config.limit,
+        "method": name,
+        "guide": guide,
+        "retention": retention,
+        "guide_pool": pool,
+        "guide_layers": layers,
+        "seed": config.seed if name == "random" else None,  # only the random compressor draws
+        "description": str(method),
+        "model": model_id,
+        "tokenizer_sha256": tokenizer_id,
+        "assistant": assistant_id if guide == "assistant" else None,
+        "generation": EVAL_GENERATION,
+    }
+
+
+def _differences(stored: dict, current: dict) -> str:
+    keys = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    shown = []
+    for k in keys:
+        a, b = stored.get(k), current.get(k)
+        short = lambda v: (json.dumps(v)[:40] + "...") if len(json.dumps(v)) > 43 else json.dumps(v)  # noqa: E731
+        shown.append(f"{k} {short(a)} -> {short(b)}")
+    return "; ".join(shown)
+
+
+def _record_problem(record: dict, frames: int, tokens_per_frame: int) -> str | None:
+    """Why a record cannot be scored against this video, or None."""
+    for key, size, what in (("needle_frame", frames, "frames"), ("needle_token", tokens_per_frame, "tokens per frame")):
+        if key in record:
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+                return f"{key} {value!r} is outside the video's {size} {what}"
+    if not isinstance(record.get("answer"), str):
+        return f"answer {record.get('answer')!r} is not a string"
+    return None
+
+
+class _Run:
+    """One configuration's folder: identity.json, append-only predictions.jsonl, results.json."""
+
+    def __init__(self, folder: Path, identity: dict):
+        self.folder, self.identity = folder, identity
+        self.log = JsonlLog(folder / "predictions.jsonl")
+        self.rows: dict[int, dict] = {}
+        self.changed = False
+
+    def mismatch(self) -> str | None:
+        """Why the folder's results cannot be reused, or None (also when the folder is new)."""
+        ours = [self.folder / n for n in ("identity.json", "predictions.jsonl", "results.json")]
+        if not any(p.exists() for p in ours):
+            return None
+        path = self.folder / "identity.json"
+        if not path.is_file():
+            return f"{self.folder} holds results without an identity record (made by an older vidtok)"
+        try:
+            stored = json.loads(path.read_text())
+        except (ValueError, OSError) as error:
+            return f"{path} is unreadable ({error})"
+        if stored != self.identity:
+            return f"{self.folder} holds results of a different evaluation ({_differences(stored, self.identity)})"
+        return None
+
+    def open(self, fresh: bool, log) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            for name in ("results.json", "predictions.jsonl", "identity.json"):
+                (self.folder / name).unlink(missing_ok=True)
+        if not (self.folder / "identity.json").is_file():
+            atomic_write_json(self.folder / "identity.json", self.identity)
+        rows, problems = self.log.read()
+        for problem in problems:
+            log(problem)
+        for row in rows:  # the last line of a sample wins: a failure retried later is replaced
+            self.rows[row["index"]] = row
+        self.changed = bool(problems)
+
+    def needs(self, index: int) -> bool:
+        row = self.rows.get(index)
+        return row is None or "failed" in row  # failures are retried: a fixed video then counts
+
+    def add(self, row: dict) -> None:
+        self.log.append(row)
+        self.rows[row["index"]] = row
+        self.changed = True
+
+
+@contextmanager
+def _exclusive(root: Path):
+    """One `vidtok eval` per result root at a time; the kernel drops the lock when a process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(root / ".vidtok-eval.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise ValueError(
+                f"another vidtok eval (pid {f.read().strip() or '?'}) is writing to {root}; wait for it or pass another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def _stderr(message: str) -> None:
+    print(f"vidtok: {message}", file=sys.stderr)
+
+
+def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: bool = True, overwrite: bool = False, log=_stderr) -> list[dict]:
+    """Evaluate every configuration; returns the summaries of all of them.
+
+    Each configuration's folder records the identity of what produced it (`run_identity`): a
+    folder whose identity matches is resumed sample by sample (a finished one is not recomputed);
+    one whose identity differs is an error before any compute, unless `overwrite`, which
+    recomputes it. Each sample is appended to predictions.jsonl and fsync'd as soon as it is
+    done. A sample whose video is unreadable or whose record is impossible is recorded as failed
+    with its reason and counted apart; the run goes on.
+    """
+    import hashlib
+
     from tqdm.auto import tqdm
 
     from ..compressors import build_method
-    from ..pipeline import generate
+    from ..importance import parse_layers
     from ..models import adapter_for
+    from ..pipeline import generate
     from ..testbed.synth import read_split
     from ..testbed.toy import calibrated_layers
 
     records = read_split(config.split)[: config.limit]
     if not records:
         raise ValueError(f"the split {config.split} is empty")
-    root = Path(config.out)
     runs = configurations(config)
-    pending = [r for r in runs if not (root / run_name(*r) / "results.json").is_file()]
-    if any(run[1] == "assistant" for run in pending) and assistant is None:
+    if any(run[1] == "assistant" for run in runs) and assistant is None:
         raise ValueError("guide 'assistant' needs an assistant model; pass --assistant or drop it from --guides")
+    root = writable_dir(config.out)
     adapter = adapter_for(model)
-    methods = {}
-    for method, guide, retention, pool in pending:
+    split_sha256 = hashlib.sha256(split_file(config.split).read_bytes()).hexdigest()
+    model_id, tokenizer_id = model_fingerprint(model), tokenizer_fingerprint(tokenizer)
+    assistant_id = model_fingerprint(assistant) if assistant is not None else None
+
+    methods, states = {}, {}
+    for run in runs:
+        method, guide, retention, pool = run
         guide_model = model if guide == "self" else assistant
         layers = config.layers if config.layers is not None else (calibrated_layers(guide_model) if guide != "none" else None)
-        methods[(method, guide, retention, pool)] = build_method(
-            method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed, guide_pool=pool
-        )
-    rows = {r: [] for r in pending}
-    for record in tqdm(records, disable=not progress or not pending, desc="eval"):
-        pixels = adapter.pixels(record["video"], record.get("frames"))
-        for key, method in methods.items():
-            result = generate(model, tokenizer, pixels, record["question"], method, max_new_tokens=2, do_sample=False)
-            plan = result.plan
-            words = result.text.split()
-            prediction = words[0] if words else ""
-            survived = None
-            if "needle_frame" in record:
-                survived = record["needle_token"] in plan.kept[record["needle_frame"]]
-            rows[key].append(
-                {
-                    "id": record.get("id"),
-                    "question": record["question"],
-                    "answer": record["answer"],
-                    "prediction": prediction,
-                    "correct": prediction == record["answer"],
-                    "needle_kept": survived,
-                    "budgets": plan.budgets,
-                    "frame_weights": plan.frame_weights,
-                    "kept_tokens": plan.visual_tokens_kept,
-                    "seconds": plan.seconds,
-                }
+        methods[run] = build_method(method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed, guide_pool=pool)
+        resolved = parse_layers(layers, adapter_for(guide_model).num_layers) if guide != "none" else None
+        identity = run_identity(run, methods[run], config, split_sha256, model_id, tokenizer_id, assistant_id, resolved)
+        states[run] = _Run(root / run_name(*run), identity)
+
+    with _exclusive(root):
+        stale = {run: state.mismatch() for run, state in states.items()}
+        stale = {run: why for run, why in stale.items() if why}
+        if stale and not overwrite:
+            raise ResultMismatchError(
+                f"{len(stale)} result folder(s) cannot be reused: {next(iter(stale.values()))}"
+                + (f" (and {len(stale) - 1} more)" if len(stale) > 1 else "")
+                + "; pass --overwrite (evaluate(..., overwrite=True)) to recompute them, or another --out to keep them"
             )
-    for key, samples in rows.items():
-        method, guide, retention, pool = key
-        correct = sum(s["correct"] for s in samples)
-        survived = [s["needle_kept"] for s in samples if s["needle_kept"] is not None]
-        summary = {
-            "method": method,
-            "guide": guide,
-            "retention": retention,
-            "guide_pool": pool,
-            "description": str(methods[key]),
-            "guide_layers": getattr(methods[key], "layers", None),
-            "samples": len(samples),
-            "accuracy": correct / len(samples),
-            "accuracy_ci95": wilson(correct, len(samples)),
-            "needle_survival": sum(survived) / len(survived) if survived else None,
-            "mean_kept_tokens": sum(s["kept_tokens"] for s in samples) / len(samples),
-            "mean_seconds": {k: sum(s["seconds"].get(k, 0.0) for s in samples) / len(samples) for k in samples[0]["seconds"]},
-            "split": str(config.split),
-            "config": asdict(config),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        folder = root / run_name(*key)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "predictions.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
-        (folder / "results.json").write_text(json.dumps(summary, indent=1))
-    summaries = [json.loads((root / run_name(*r) / "results.json").read_text()) for r in runs]
-    (root / "summary.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "config"} for s in summaries], indent=1))
-    plot_accuracy(summaries, root / "accuracy.png")
+        for run, state in states.items():
+            if run in stale:
+                log(f"recomputing {state.folder}: {stale[run]}")
+            state.open(fresh=run in stale, log=log)
+        try:
+            todo = [i for i in range(len(records)) if any(s.needs(i) for s in states.values())]
+            for index in tqdm(todo, disable=not progress, desc="eval"):
+                _evaluate_record(index, records[index], states, methods, adapter, model, tokenizer, generate)
+        finally:
+            for state in states.values():
+                state.log.close()
+
+        summaries = []
+        for run, state in states.items():
+            results = state.folder / "results.json"
+            summary = None
+            if not state.changed and results.is_file():
+                try:
+                    summary = json.loads(results.read_text())
+                except ValueError as error:
+                    log(f"{results} is damaged ({error}); rebuilt from predictions.jsonl")
+            if summary is None or summary.get("identity") != state.identity:
+                summary = _summarise(run, methods[run], state, len(records), config)
+                atomic_write_json(results, summary)
+            summaries.append(summary)
+        atomic_write_json(root / "summary.json", [{k: v for k, v in s.items() if k not in ("config", "identity")} for s in summaries])
+        plot_accuracy(summaries, root / "accuracy.png")
     return summaries
+
+
+def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, generate) -> None:
+    """Every pending configuration on one record; a failure is recorded, never raised."""
+    pending = [run for run, state in states.items() if state.needs(index)]
+    head = {"index": index, "id": record.get("id"), "question": record.get("question")}
+    try:
+        pixels = adapter.pixels(record["video"], record.get("frames"))
+        problem = _record_problem(record, pixels.shape[0], adapter.tokens_per_frame)
+    except ValueError as error:  # VideoError included: unreadable, too short, impossible frame count
+        problem = str(error)
+    if problem:
+        for run in pending:
+            states[run].add({**head, "failed": problem})
+        return
+    for run in pending:
+        try:
+            result = generate(model, tokenizer, pixels, record["question"], methods[run], **EVAL_GENERATION)
+        except ValueError as error:  # this record's question or video cannot be answered with this method
+            states[run].add({**head, "failed": str(error)})
+            continue
+        plan = result.plan
+        words = result.text.split()
+        prediction = words[0] if words else ""
+        survived = record["needle_token"] in plan.kept[record["needle_frame"]] if "needle_frame" in record else None
+        states[run].add(
+            {
+                **head,
+                "answer": record["answer"],
+                "prediction": prediction,
+                "correct": prediction == record["answer"],
+                "needle_kept": survived,
+                "budgets": plan.budgets,
+                "frame_weights": plan.frame_weights,
+                "kept_tokens": plan.visual_tokens_kept,
+                "seconds": plan.seconds,
+            }
+        )
+
+
+def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict:
+    name, guide, retention, pool = run
+    rows = [state.rows[i] for i in range(total)]
+    samples = [r for r in rows if "failed" not in r]
+    failed = [{"index": r["index"], "id": r.get("id"), "reason": r["failed"]} for r in rows if "failed" in r]
+    correct = sum(s["correct"] for s in samples)
+    survived = [s["needle_kept"] for s in samples if s["needle_kept"] is not None]
+    n = len(samples)
+    return {
+        "method": name,
+        "guide": guide,
+        "retention": retention,
+        "guide_pool": pool,
+        "description": str(method),
+        "guide_layers": state.identity["guide_layers"],
+        "samples": n,
+        "failed": len(failed),
+        "accuracy": correct / n if n else None,
+        "accuracy_ci95": wilson(correct, n) if n else None,
+        "needle_survival": sum(survived) / len(survived) if survived else None,
+        "mean_kept_tokens": sum(s["kept_tokens"] for s in samples) / n if n else None,
+        "mean_seconds": {k: sum(s["seconds"].get(k, 0.0) for s in samples) / n for k in samples[0]["seconds"]} if n else {},
+        "failures": failed,
+        "split": str(config.split),
+        "config": asdict(config),
+        "identity": state.identity,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def plot_accuracy(summaries: list[dict], path: Path) -> None:
@@ -152,6 +393,7 @@ def plot_accuracy(summaries: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summaries = [s for s in summaries if s["accuracy"] is not None]  # a configuration whose every sample failed
     fig, ax = plt.subplots(figsize=(9, 4.8))
     full = [s for s in summaries if s["method"] == "full"]
     if full:

@@ -1,0 +1,197 @@
+"""`vidtok eval` never reports stale numbers and never loses finished work (shipped toy models, tiny splits)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vidtok.harness.evaluate import EvalConfig, ResultMismatchError, evaluate
+from vidtok.testbed.synth import write_split
+from vidtok.testbed.toy import load_default
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model, tokenizer, assistant, note = load_default()
+    assert note is None
+    return model, tokenizer, assistant
+
+
+@pytest.fixture
+def split(tmp_path):
+    out = tmp_path / "split"
+    write_split(out, seed=99, count=6)
+    return out
+
+
+def _config(split, out, **kwargs):
+    return EvalConfig(split=str(split), out=str(out), methods=["visionzip"], guides=["none"], retentions=[0.125], **kwargs)
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+def _numbers(summaries):
+    keep = ("method", "guide", "retention", "samples", "failed", "accuracy", "accuracy_ci95", "needle_survival", "mean_kept_tokens")
+    return [{k: s[k] for k in keep} for s in summaries]
+
+
+def test_a_limited_run_is_never_reported_as_the_whole_split(toy, split, tmp_path):
+    out = tmp_path / "eval"
+    limited = evaluate(_config(split, out, limit=2), *toy, progress=False)
+    assert all(s["samples"] == 2 for s in limited)
+    with pytest.raises(ResultMismatchError, match=r"limit 2 -> null.*--overwrite"):
+        evaluate(_config(split, out), *toy, progress=False)
+    assert json.loads((out / "visionzip-none-r0.125" / "results.json").read_text())["samples"] == 2  # refused: nothing touched
+    notes = []
+    full = evaluate(_config(split, out), *toy, progress=False, overwrite=True, log=notes.append)
+    assert all(s["samples"] == 6 for s in full) and any("recomputing" in n for n in notes)
+    assert len(_rows(out / "full-none-r1")) == 6
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda split, config: (split / "questions.jsonl").write_text((split / "questions.jsonl").read_text().replace('"answer": "', '"answer": "x')), "split_sha256"),
+        (lambda split, config: config.__setattr__("layers", "0"), "guide_layers"),
+        (lambda split, config: config.__setattr__("seed", 5), "seed"),
+    ],
+)
+def test_any_change_of_identity_is_refused(toy, split, tmp_path, change, field):
+    config = EvalConfig(split=str(split), out=str(tmp_path), methods=["random"], guides=["self"], retentions=[0.25], limit=2, layers="1")
+    evaluate(config, *toy, progress=False)
+    change(split, config)
+    with pytest.raises(ResultMismatchError, match=field):
+        evaluate(config, *toy, progress=False)
+
+
+def test_another_model_is_refused(toy, split, tmp_path):
+    import copy
+
+    import torch
+
+    model, tokenizer, assistant = toy
+    evaluate(_config(split, tmp_path, limit=1), model, tokenizer, assistant, progress=False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ResultMismatchError, match="model"):
+        evaluate(_config(split, tmp_path, limit=1), other, tokenizer, assistant, progress=False)
+
+
+def test_results_of_an_older_vidtok_are_not_reused(toy, split, tmp_path):
+    folder = tmp_path / "full-none-r1"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"method": "full", "accuracy": 1.0, "samples": 200}))
+    with pytest.raises(ResultMismatchError, match="without an identity record"):
+        evaluate(_config(split, tmp_path), *toy, progress=False)
+
+
+def test_a_torn_last_line_is_named_and_its_sample_recomputed(toy, split, tmp_path):
+    reference = evaluate(_config(split, tmp_path / "ref", limit=3), *toy, progress=False)
+    out = tmp_path / "eval"
+    evaluate(_config(split, out, limit=3), *toy, progress=False)
+    predictions = out / "visionzip-none-r0.125" / "predictions.jsonl"
+    lines = predictions.read_text().splitlines(keepends=True)
+    predictions.write_text("".join(lines[:2]) + lines[2][:25])  # killed while writing sample 2
+    (out / "full-none-r1" / "results.json").write_text('{"method": "fu')  # a summary cut short
+    notes = []
+    resumed = evaluate(_config(split, out, limit=3), *toy, progress=False, log=notes.append)
+    assert any(f"{predictions} line 3 is truncated" in n for n in notes)
+    assert any("full-none-r1/results.json is damaged" in n for n in notes)
+    assert _numbers(resumed) == _numbers(reference)
+    assert [r["index"] for r in _rows(out / "visionzip-none-r0.125")] == [0, 1, 2]
+
+
+def test_failed_samples_are_recorded_and_the_run_goes_on(toy, split, tmp_path, capsys):
+    video = split / "videos" / "00001.mp4"
+    original = video.read_bytes()
+    video.write_bytes(b"not a video")
+    records = [json.loads(line) for line in (split / "questions.jsonl").read_text().splitlines()]
+    records[3]["needle_frame"] = 99
+    (split / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    from vidtok.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", str(split), "--methods", "visionzip", "--guides", "none", "--retentions", "0.125", "--out", str(out), "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    assert "2 sample(s) failed" in stdout
+    summary = json.loads((out / "visionzip-none-r0.125" / "results.json").read_text())
+    assert summary["samples"] == 4 and summary["failed"] == 2
+    reasons = {f["index"]: f["reason"] for f in summary["failures"]}
+    assert "cannot read video" in reasons[1] and "needle_frame 99 is outside the video's 16 frames" in reasons[3]
+    # a failed sample is retried on the next run (the video is fixed); the others are not recomputed
+    video.write_bytes(original)
+    again = evaluate(_config(split, out), *toy, progress=False)
+    assert [(s["samples"], s["failed"]) for s in again] == [(5, 1), (5, 1)]
+    assert len(_rows(out / "visionzip-none-r0.125")) == 6 + 2  # the two retries appended, nothing else
+
+
+def test_a_second_eval_on_the_same_folder_is_refused(toy, split, tmp_path):
+    import fcntl
+
+    with open(tmp_path / ".vidtok-eval.lock", "a+") as held:
+        held.write("4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match=r"another vidtok eval \(pid 4242\)"):
+            evaluate(_config(split, tmp_path), *toy, progress=False)
+
+
+def _kill_when(command, env, path, lines):
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while process.poll() is None:
+            if path.is_file() and path.read_text().count("\n") >= lines:
+                os.kill(process.pid, signal.SIGKILL)  # by its own pid: nothing else is touched
+                break
+            time.sleep(0.01)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    return process.returncode, stderr
+
+
+def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path):
+    split = tmp_path / "split"
+    write_split(split, seed=98, count=6)
+    guides = ["none", "assistant"]
+    reference = evaluate(
+        EvalConfig(split=str(split), out=str(tmp_path / "ref"), methods=["visionzip"], guides=guides, retentions=[0.125]),
+        *toy, progress=False,
+    )  # fmt: skip
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "vidtok.cli", "eval", str(split), "--methods", "visionzip", "--guides", ",".join(guides),
+               "--retentions", "0.125", "--out", str(out), "--quiet"]  # fmt: skip
+    first = out / "full-none-r1" / "predictions.jsonl"
+    for lines in (2, 4):
+        code, stderr = _kill_when(command, dict(os.environ), first, lines)
+        assert code == -signal.SIGKILL, f"the run was not interrupted (exit {code}): {stderr}"
+        assert not (out / "visionzip-assistant-r0.125" / "results.json").exists()
+    done = len(_rows(out / "full-none-r1"))
+    assert 4 <= done < 6
+    # as if the kill had landed mid-write as well
+    torn = out / "visionzip-assistant-r0.125" / "predictions.jsonl"
+    with open(torn, "a") as f:
+        f.write('{"index": 5, "id": 5, "pred')
+    notes = []
+    resumed = evaluate(
+        EvalConfig(split=str(split), out=str(out), methods=["visionzip"], guides=guides, retentions=[0.125]),
+        *toy, progress=False, log=notes.append,
+    )  # fmt: skip
+    assert any(str(torn) in n and "truncated" in n for n in notes)
+    assert _numbers(resumed) == _numbers(reference)
+    for name in ("full-none-r1", "visionzip-none-r0.125", "visionzip-assistant-r0.125"):
+        rows, ref = _rows(out / name), _rows(tmp_path / "ref" / name)
+        assert sorted(r["index"] for r in rows) == list(range(6)), f"{name}: every sample exactly once"
+        assert [(r["prediction"], r["budgets"], r["needle_kept"]) for r in sorted(rows, key=lambda r: r["index"])] == [
+            (r["prediction"], r["budgets"], r["needle_kept"]) for r in ref
+        ]
