@@ -26,12 +26,33 @@ def load_model(path):
             f"no model at {str(path)!r}: expected a folder with config.json, safetensors and tokenizer files "
             "(vidtok never downloads; fetch a checkpoint first, e.g. `hf download llava-hf/llava-onevision-qwen2-0.5b-ov-hf --local-dir DIR`)"
         )
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as error:  # corrupt or unreadable JSON, unknown model_type, ...
+        raise UsageError(f"cannot read the model config {path / 'config.json'}: {_first_line(error)}; restore the checkpoint's config.json") from error
     if config.model_type not in supported_model_types():
         raise UsageError(f"{path} holds a {config.model_type!r} model; supported: {', '.join(supported_model_types())}")
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as error:
+        raise UsageError(
+            f"cannot load the tokenizer in {path}: {_first_line(error)}; "
+            "the folder needs the tokenizer files saved with the model (tokenizer.json, tokenizer_config.json)"
+        ) from error
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    except Exception as error:  # missing, truncated or corrupt safetensors, unreadable files
+        raise UsageError(
+            f"cannot load the model weights in {path}: {_first_line(error)}; "
+            "the folder needs complete *.safetensors files (download or save the checkpoint again)"
+        ) from error
     adapter_for(model)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(error).__name__
 
 
 def _load(args):
@@ -66,7 +87,7 @@ def _video_and_question(args):
     question = args.question or (default_question() if args.video is None else None)
     if question is None:
         raise UsageError("give a QUESTION after the VIDEO")
-    return video, question, args.frames or (16 if args.video is None else 32)
+    return video, question, args.frames if args.frames is not None else (16 if args.video is None else 32)
 
 
 def cmd_run(args) -> int:
@@ -100,8 +121,10 @@ def cmd_run(args) -> int:
 
 def cmd_viz(args) -> int:
     from . import pipeline
+    from .harness.files import figure_target
     from .harness.viz import render
 
+    out, fmt = figure_target(args.out)  # before any model is loaded
     model, tokenizer, assistant, note = _load(args)
     method = _method(args, model, assistant)
     video, question, frames = _video_and_question(args)
@@ -109,20 +132,24 @@ def cmd_viz(args) -> int:
 
     pixels = adapter_for(model).pixels(video, frames)
     result = pipeline.generate(model, tokenizer, pixels, question, method, max_new_tokens=args.max_new_tokens)
-    render(pixels, result.plan, question, result.text, args.out)
-    print(f"wrote {args.out}" + (f" ({note})" if note else ""))
+    render(pixels, result.plan, question, result.text, out, format=fmt)
+    print(f"wrote {out}" + (f" ({note})" if note else ""))
     return 0
 
 
 def cmd_eval(args) -> int:
     from .harness.evaluate import EvalConfig, evaluate
+    from .harness.files import writable_dir
+    from .testbed.synth import read_split
 
+    split = Path(args.split)
+    read_split(split)  # a missing or malformed split is named before any model loads
+    model_name = Path(args.model).name if args.model else "toy-main"
+    out = args.out or f"runs/eval/{split.stem if split.is_file() else split.name}-{model_name}"
+    writable_dir(out)
     model, tokenizer, assistant, note = _load(args)
     if note:
         raise UsageError(f"nothing to evaluate: {note}")
-    split = Path(args.split)
-    model_name = Path(args.model).name if args.model else "toy-main"
-    out = args.out or f"runs/eval/{split.stem if split.is_file() else split.name}-{model_name}"
     config = EvalConfig(
         split=str(split),
         out=out,
@@ -155,24 +182,32 @@ def cmd_eval(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .harness.analysis import calibrate, plot_prior
+    from .harness.files import figure_target, writable_dir
     from .testbed.synth import read_split
 
-    model, tokenizer = _load(args)[:2]
     records = read_split(args.split)[: args.limit]
+    plot = figure_target(args.plot, "--plot")[0] if args.plot else None
+    model, tokenizer = _load(args)[:2]
     folder = None if args.dry_run else (args.model or model.name_or_path)
+    if folder is not None:
+        try:
+            writable_dir(folder, "the model folder")
+        except ValueError as error:
+            raise UsageError(f"{error}; or pass --dry-run to only report the layers") from None
     result = calibrate(model, tokenizer, records, folder)
     for row in result["prior"]["layers"]:
         print(f"layer {row['layer']:>2}: needle mass {row['needle_mass']:.3f} (uniform {row['uniform_share']:.3f}), "
               f"argmax hit {row['argmax_hit_rate']:.2f}, first+last {row['first_last_share']:.3f}")
     print(f"chosen guide layers: {result['guide_layers']}" + (f" (stored in {folder}/vidtok.json)" if folder else ""))
-    if args.plot:
-        plot_prior(result["prior"], args.plot, Path(str(args.model or model.name_or_path)).name)
-        print(f"wrote {args.plot}")
+    if plot:
+        plot_prior(result["prior"], plot, Path(str(args.model or model.name_or_path)).name)
+        print(f"wrote {plot}")
     return 0
 
 
 def cmd_bench(args) -> int:
     from .harness.bench import BenchConfig, run_bench, table
+    from .harness.files import writable_dir
 
     config = BenchConfig.load(args.config)
     if args.repeats is not None:
@@ -182,6 +217,7 @@ def cmd_bench(args) -> int:
     if args.device is not None:
         config.device = args.device
     out = args.out or f"benchmarks/results/bench-{config.name}"
+    writable_dir(out)
     report = run_bench(config, out, log=(lambda *a: None) if args.quiet else print)
     print(table(report["rows"]))
     print(f"results in {out}/ (bench.json, bench.png)")
@@ -189,8 +225,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    from .harness.files import writable_dir
     from .testbed.synth import write_split
 
+    writable_dir(args.out)
     path = write_split(args.out, args.seed, args.count, frames=args.frames, needles=args.needles)
     print(f"wrote {args.count} videos and {path}")
     return 0
@@ -211,42 +249,56 @@ def _report(r) -> None:
         print(f"note:     {r['note']}")
 
 
+def _count(text: str) -> int:
+    """argparse type: an int >= 1 (0 would silently mean "the default" downstream)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _add_method_args(p, retention_default=None):
     p.add_argument("--method", default="visionzip", choices=METHODS, help="base compressor (default visionzip)")
     p.add_argument("--guide", choices=GUIDES, help="DyToK guide: none (static budgets), self, assistant (default: assistant if one is available, else self)")
     p.add_argument("--assistant", help="assistant model folder (same family and tokenizer) for --guide assistant")
     p.add_argument("--retention", type=float, default=retention_default, help="kept share of visual tokens in (0, 1] (default 0.25)")
     p.add_argument("--layers", help="guide layers, 'A-B' or 'A,B,C' (default: calibrated for the guide, else its last third)")
-    p.add_argument("--cap", type=int, help="max tokens per frame (default: all of a frame's tokens)")
+    p.add_argument("--cap", type=_count, help="max tokens per frame (default: all of a frame's tokens)")
     p.add_argument("--floor", type=int, default=0, help="min tokens per frame (default 0)")
-    p.add_argument("--guide-pool", type=int, default=1, help="the guide sees each frame average-pooled k x k (default 1: full grid)")
+    p.add_argument("--guide-pool", type=_count, default=1, help="the guide sees each frame average-pooled k x k (default 1: full grid)")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and for sampling")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidtok", description="DyToK token compression for Video LLMs")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)  # --debug also after the command; SUPPRESS keeps the top-level value
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
 
     def video_args(q):
         q.add_argument("video", nargs="?", help="video file (default: the shipped sample)")
         q.add_argument("question", nargs="?", help="question (default: the sample's)")
         q.add_argument("--model", help="model folder (default: the shipped toy model)")
-        q.add_argument("--frames", type=int, help="frames to sample uniformly (default 32; 16 for the sample)")
-        q.add_argument("--max-new-tokens", type=int, default=16)
+        q.add_argument("--frames", type=_count, help="frames to sample uniformly (default 32; 16 for the sample)")
+        q.add_argument("--max-new-tokens", type=_count, default=16)
         _add_method_args(q)
 
-    run = sub.add_parser("run", help="answer a question about a video")
+    run = sub.add_parser("run", parents=[debug], help="answer a question about a video")
     video_args(run)
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.set_defaults(func=cmd_run)
 
-    viz = sub.add_parser("viz", help="one PNG: frames, importance, budgets and kept tokens")
+    viz = sub.add_parser("viz", parents=[debug], help="one PNG: frames, importance, budgets and kept tokens")
     video_args(viz)
     viz.add_argument("--out", default="vidtok-viz.png", help="PNG to write (default vidtok-viz.png)")
     viz.set_defaults(func=cmd_viz)
 
-    ev = sub.add_parser("eval", help="methods x guides x retentions over a split (JSONL + mp4)")
+    ev = sub.add_parser("eval", parents=[debug], help="methods x guides x retentions over a split (JSONL + mp4)")
     ev.add_argument("split", help="questions.jsonl or its folder")
     ev.add_argument("--model", help="model folder (default: the shipped toy model)")
     ev.add_argument("--assistant", help="assistant model folder (default: the shipped toy assistant)")
@@ -254,40 +306,53 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--guides", default="none,self,assistant")
     ev.add_argument("--retentions", default="0.0625,0.125,0.25,0.5")
     ev.add_argument("--layers", help="guide layers for every run (default: calibrated per guide)")
-    ev.add_argument("--limit", type=int, help="first N questions only")
+    ev.add_argument("--limit", type=_count, help="first N questions only")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--guide-pool", type=int, default=1, help="guided runs: the guide sees frames pooled k x k")
+    ev.add_argument("--guide-pool", type=_count, default=1, help="guided runs: the guide sees frames pooled k x k")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
     ev.add_argument("--overwrite", action="store_true",
                     help="recompute result folders made by a different evaluation (other split, limit, model, layers, ...) instead of refusing")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
-    cal = sub.add_parser("calibrate", help="pick a guide's layers from a labelled split; store them with the model")
+    cal = sub.add_parser("calibrate", parents=[debug], help="pick a guide's layers from a labelled split; store them with the model")
     cal.add_argument("split", help="labelled questions.jsonl (with needle_frame) or its folder")
     cal.add_argument("--model", help="guide model folder (default: the shipped toy model)")
-    cal.add_argument("--limit", type=int)
+    cal.add_argument("--limit", type=_count)
     cal.add_argument("--plot", help="also write the per-layer prior as a PNG here")
     cal.add_argument("--dry-run", action="store_true", help="report only; do not write vidtok.json")
     cal.set_defaults(func=cmd_calibrate)
 
-    bench = sub.add_parser("bench", help="time full vs compressed side by side: stages, TTFT, memory, FLOPs")
+    bench = sub.add_parser("bench", parents=[debug], help="time full vs compressed side by side: stages, TTFT, memory, FLOPs")
     bench.add_argument("config", help="bench config JSON (see benchmarks/configs/)")
     bench.add_argument("--out", help="result folder (default benchmarks/results/bench-<name>)")
-    bench.add_argument("--repeats", type=int, help="timed repeats per configuration (median reported)")
+    bench.add_argument("--repeats", type=_count, help="timed repeats per configuration (median reported)")
     bench.add_argument("--warmup", type=int, help="untimed warm-up calls per configuration")
     bench.add_argument("--device", help="cpu, cuda or auto")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
-    syn = sub.add_parser("synth", help="write a synthetic needle split (mp4 + questions.jsonl)")
+    syn = sub.add_parser("synth", parents=[debug], help="write a synthetic needle split (mp4 + questions.jsonl)")
     syn.add_argument("out")
-    syn.add_argument("--count", type=int, default=200)
+    syn.add_argument("--count", type=_count, default=200)
     syn.add_argument("--seed", type=int, default=1)
-    syn.add_argument("--frames", type=int, default=16)
-    syn.add_argument("--needles", type=int, default=2)
+    syn.add_argument("--frames", type=_count, default=16)
+    syn.add_argument("--needles", type=_count, default=2)
     syn.set_defaults(func=cmd_synth)
     return p
+
+
+def _os_problem(error: OSError) -> str:
+    """One line for a file-system error: what, where, and what to do."""
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    what = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}{where}: free some disk space or write elsewhere (--out); work finished so far is kept"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}{where}: check the permissions, or choose a path you can write to"
+    return f"{what}{where}"
 
 
 def main(argv=None) -> int:
@@ -295,17 +360,26 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from .models import UnsupportedModelError
-    from .video import VideoError
-
+    if getattr(args, "debug", False):  # the traceback of any error, unfiltered
+        return args.func(args)
     try:
         return args.func(args)
-    except (UsageError, VideoError, UnsupportedModelError, ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:  # UsageError, VideoError, UnsupportedModelError included
         print(f"vidtok: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `vidtok run --json | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:
+        print(f"vidtok: error: {_os_problem(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vidtok: interrupted" + ("; `vidtok eval` resumes where it stopped" if args.command == "eval" else ""), file=sys.stderr)
+        return 130
+    except Exception as error:  # not the user's doing: say so in one line, the traceback is one flag away
+        print(f"vidtok: internal error: {type(error).__name__}: {_first_line(error)}; run again with --debug for the traceback "
+              "and please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -104,5 +104,5 @@ def plot_prior(report: dict, path: str | Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=Path(path).suffix[1:].lower() or "png")  # exactly `path`, PNG without a suffix
     plt.close(fig)

@@ -56,7 +56,10 @@ def build_model(spec: dict, seed: int, dtype, device, vision_from=None):
     from ..testbed.toy import SPECIALS, build_toy_model
 
     if "path" in spec:
-        return AutoModelForImageTextToText.from_pretrained(spec["path"], dtype=dtype).to(device).eval()
+        try:
+            return AutoModelForImageTextToText.from_pretrained(spec["path"], dtype=dtype).to(device).eval()
+        except OSError as error:  # no folder, missing or unreadable files: the config names a bad checkpoint
+            raise ValueError(f"cannot load the checkpoint {spec['path']!r} named in the bench config: {str(error).strip().splitlines()[0]}") from error
     if "toy" in spec:
         model = build_toy_model(spec["toy"], seed=seed)
     else:

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 
 
-def render(pixels, plan, question: str, answer: str, path: str | Path, grid: int | None = None) -> None:
-    """pixels [F, 3, S, S] (normalised to [-1, 1]) and a Plan -> PNG at `path`."""
+def render(pixels, plan, question: str, answer: str, path: str | Path, grid: int | None = None, format: str | None = None) -> None:
+    """pixels [F, 3, S, S] (normalised to [-1, 1]) and a Plan -> a figure at exactly `path`
+    (`format`: "png", "pdf", ...; None: from the suffix, PNG without one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,5 +60,5 @@ def render(pixels, plan, question: str, answer: str, path: str | Path, grid: int
     text.text(0, 0.5, f"Q: {question}   A: {answer}   |   {plan.method}{guide}, retention {plan.retention:g}: "
               f"{plan.visual_tokens_kept}/{plan.visual_tokens_in} tokens (green boxes = kept)", fontsize=9, va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format=format or (Path(path).suffix[1:].lower() or "png"))
     plt.close(fig)

@@ -130,7 +130,12 @@ def read_split(jsonl: str | os.PathLike) -> list[dict]:
     records = []
     for n, line in enumerate(jsonl.read_text().splitlines(), start=1):
         if line.strip():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{jsonl}:{n} is not valid JSON ({error}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{jsonl}:{n} is not a JSON object; each line holds one question record")
             for key in ("video", "question", "answer"):
                 if key not in record:
                     raise ValueError(f"{jsonl}:{n} lacks {key!r}")
