@@ -54,6 +54,9 @@ def allocate_budgets(weights: Sequence[float], total: int, cap: int, floor: int 
             "raise the retention or lower the per-frame floor"
         )
     mass = sum(weights)
+    if not math.isfinite(mass):  # finite weights whose sum overflows: scale by a power of two (exact, ratios kept)
+        weights = [math.ldexp(w, -math.frexp(max(weights))[1]) for w in weights]
+        mass = sum(weights)
     shares = [w / mass for w in weights] if mass > 0 else [1.0 / frames] * frames
 
     spread = total - frames * floor

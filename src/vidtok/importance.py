@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 
 import torch
@@ -51,13 +52,18 @@ def parse_layers(layers, num_layers: int) -> list[int]:
             chosen = list(range(int(span[1]), int(span[2]) + 1)) if span else [int(x) for x in text.split(",")]
         except ValueError:
             raise ValueError(f"cannot read layers {layers!r}: write a range 'A-B' (inclusive) or a list 'A,B,C'") from None
-    elif isinstance(layers, int) and not isinstance(layers, bool):
-        chosen = [layers]
+    elif isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        chosen = [int(layers)]
     else:
         try:
-            chosen = [int(x) for x in layers]
-        except (TypeError, ValueError):
+            items = list(layers)
+        except TypeError:
             raise ValueError(f"layers must be ints, a range or 'A-B', got {layers!r}") from None
+        # a float such as 20.5 (or the reference code's 16.23) is never truncated into a layer
+        odd = [x for x in items if isinstance(x, bool) or not isinstance(x, numbers.Integral)]
+        if odd:
+            raise ValueError(f"guide layers must be whole numbers, got {odd[0]!r} in {layers!r}; write e.g. [20] or '16-23'")
+        chosen = [int(x) for x in items]
     if not chosen:
         raise ValueError(f"no guide layers chosen from {layers!r}; pick layers in 0..{num_layers - 1}")
     resolved = []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -127,8 +129,36 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         if dytok.guide_pool > 1:
             features = guide.pool_frames(features, dytok.guide_pool)
         ids = guide.input_ids(tokenizer, question, frames * features.shape[1] + 1)
+        _check_length(guide, ids, "guide")
         embeds = torch.cat([features.flatten(0, 1), encoded.newline])
         return frame_weights(guide.token_attention(ids, embeds, layers), frames)
+
+
+def _check_question(tokenizer, question: str) -> None:
+    """A loaded tokenizer, and a question free of the tokenizer's special tokens: text such as
+    "<video>" or "<|im_end|>" would become prompt structure (a second video marker, an early end
+    of turn), so it is refused rather than silently escaped or obeyed."""
+    if isinstance(tokenizer, (str, os.PathLike)) or not callable(tokenizer):
+        raise TypeError(f"expected a loaded tokenizer, got {tokenizer!r}; load it with AutoTokenizer.from_pretrained(path)")
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    specials |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values() if getattr(t, "special", False)}
+    found = sorted(t for t in specials if t and t in question)
+    if found:
+        raise ValueError(
+            f"the question contains the tokenizer's special token(s) {', '.join(map(repr, found))}, which would be read as "
+            "prompt structure (a media marker, a turn delimiter); vidtok refuses them: remove them from the question"
+        )
+
+
+def _check_length(adapter, input_ids: torch.Tensor, who: str) -> None:
+    """Refuse a prompt longer than the LLM's position limit (its positions would be out of training range)."""
+    limit = getattr(adapter.model.config.get_text_config(), "max_position_embeddings", None)
+    length = input_ids.shape[-1]
+    if limit and length > limit:
+        raise ValueError(
+            f"the {who}'s prompt is {length} tokens, over its position limit of {limit} (max_position_embeddings); "
+            "use fewer frames, a lower retention or a shorter question"
+        )
 
 
 @torch.no_grad()
@@ -141,6 +171,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question must be a non-empty string")
+    _check_question(tokenizer, question)
     base, dytok = _describe(method)
     adapter = adapter_for(model)
     seconds: dict[str, float] = {}
@@ -174,6 +205,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
             tokens, kept = features.flatten(0, 1), [list(range(per_frame)) for _ in range(num_frames)]
         video_embeds = torch.cat([tokens, newline])
         input_ids = adapter.input_ids(tokenizer, question, video_embeds.shape[0])
+        _check_length(adapter, input_ids, "model")
         inputs = adapter.model_inputs(input_ids, video_embeds)
 
     plan = Plan(
@@ -202,8 +234,15 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
     """
     prepared = prepare(model, tokenizer, video, question, method, frames=frames)
     generate_kwargs.setdefault("max_new_tokens", 32)
+    prompt_length = prepared.inputs["input_ids"].shape[1]
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and isinstance(generate_kwargs["max_new_tokens"], int) and prompt_length + generate_kwargs["max_new_tokens"] > limit:
+        warnings.warn(
+            f"prompt ({prompt_length} tokens) + max_new_tokens ({generate_kwargs['max_new_tokens']}) passes the model's position "
+            f"limit of {limit}: tokens past it are out of the model's trained range",
+            stacklevel=2,
+        )
     with _Timer(prepared.plan.seconds, device_sync(prepared.inputs["input_ids"].device))("generate"):
         sequences = model.generate(**prepared.inputs, **generate_kwargs)
-    prompt_length = prepared.inputs["input_ids"].shape[1]
     text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
     return Result(text=text, plan=prepared.plan, sequences=sequences, prompt_tokens=prompt_length)

@@ -62,8 +62,8 @@ def preprocess(frames: np.ndarray | torch.Tensor, size: int, mean: Sequence[floa
     from PIL import Image
 
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise VideoError(f"expected RGB frames [F>0, H, W, 3], got shape {frames.shape}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise VideoError(f"expected RGB frames [F>0, H>0, W>0, 3], got shape {frames.shape}")
     if frames.dtype != np.uint8:
         raise VideoError(f"expected uint8 frames, got {frames.dtype}")
     resized = [
@@ -77,6 +77,8 @@ def preprocess(frames: np.ndarray | torch.Tensor, size: int, mean: Sequence[floa
 
 def load_pixels(video, frames: int | None, size: int, mean, std) -> torch.Tensor:
     """A path, uint8 frames [F, H, W, 3] or pixel values [F, 3, S, S] -> pixel values."""
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1):
+        raise VideoError(f"frames must be a whole number >= 1 (or None for the default), got {frames!r}")
     if isinstance(video, (str, os.PathLike)):
         video = read_frames(video, 32 if frames is None else frames)
     if isinstance(video, torch.Tensor) and video.is_floating_point():
@@ -87,6 +89,9 @@ def load_pixels(video, frames: int | None, size: int, mean, std) -> torch.Tensor
         pixels = preprocess(np.asarray(video), size, mean, std)
     if pixels.shape[0] == 0:
         raise VideoError("the video has zero frames")
+    if pixels.is_floating_point() and not torch.isfinite(pixels).all():
+        bad = int((~torch.isfinite(pixels)).sum())
+        raise VideoError(f"the pixel values hold {bad} NaN or infinite values; clean the frames (e.g. torch.nan_to_num) before calling")
     if frames is not None and pixels.shape[0] != frames:
         raise VideoError(f"the video has {pixels.shape[0]} frames, {frames} were asked for")
     return pixels

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +39,13 @@ class DyToK:
         if self.retention is None:
             self.retention = self.base.retention
         check_retention(self.retention)
-        if isinstance(self.guide, str) and self.guide != "self":
-            raise ValueError(f'guide must be "self" or an assistant model, got {self.guide!r}')
+        if self.guide is None:
+            raise ValueError('guide must be "self" or an assistant model, got None; for static budgets use the base compressor alone')
+        if isinstance(self.guide, (str, os.PathLike)) and self.guide != "self":
+            raise ValueError(
+                f'guide must be "self" or a loaded assistant model, got {self.guide!r}; '
+                "load an assistant with AutoModelForImageTextToText.from_pretrained(path)"
+            )
         if self.cap is not None and (isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 1):
             raise ValueError(f"cap must be a positive int or None, got {self.cap!r}")
         if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:

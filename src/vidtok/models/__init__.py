@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .llava_onevision import LlavaOnevisionAdapter
 
 _ADAPTERS: dict[str, type] = {}
@@ -22,6 +24,11 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(model):
+    if isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"expected a loaded model, got the path {str(model)!r}; load it first, e.g. "
+            "AutoModelForImageTextToText.from_pretrained(path).eval()"
+        )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _ADAPTERS:
         raise UnsupportedModelError(
