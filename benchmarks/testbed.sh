@@ -8,8 +8,9 @@ vidtok synth data/calib --count 100 --seed 7
 vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-main --plot benchmarks/results/prior-toy-main.png
 vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-assistant --plot benchmarks/results/prior-toy-assistant.png
 vidtok synth data/test16 --count 200 --seed 1
-vidtok eval data/test16 --out benchmarks/results/eval-test16 --quiet
+# --overwrite: the committed results predate result identities (README), so they are recomputed
+vidtok eval data/test16 --out benchmarks/results/eval-test16 --quiet --overwrite
 # harder, out of the training distribution: 32 frames, 3 needles
 vidtok synth data/hard32 --count 100 --seed 3 --frames 32 --needles 3
-vidtok eval data/hard32 --out benchmarks/results/eval-hard32 --methods visionzip --retentions 0.03125,0.0625,0.125,0.25 --quiet
+vidtok eval data/hard32 --out benchmarks/results/eval-hard32 --methods visionzip --retentions 0.03125,0.0625,0.125,0.25 --quiet --overwrite
 vidtok viz --retention 0.125 --out benchmarks/results/viz-sample.png
