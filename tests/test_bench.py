@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidtok import adapter_for
-from vidtok.harness import flops
+from vidtok import flops
 from vidtok.harness.bench import STAGES, BenchConfig, PeakMemory, build_model, expand_runs, measure, run_bench, table
 from vidtok.compressors import DyToK, VisionZip
 from vidtok.pipeline import _Timer, device_sync

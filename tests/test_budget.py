@@ -24,15 +24,16 @@ def reference_allocate(weights, total, cap, floor=0):
         budgets[order[i]] += 1
         i += 1
     budgets = [b + floor for b in budgets]
+    caps = list(cap) if isinstance(cap, list) else [cap] * frames
     excess = 0
     for f in range(frames):
-        if budgets[f] > cap:
-            excess += budgets[f] - cap
-            budgets[f] = cap
+        if budgets[f] > caps[f]:
+            excess += budgets[f] - caps[f]
+            budgets[f] = caps[f]
     ranked = sorted(range(frames), key=lambda f: (-shares[f], f))
     while excess > 0:
         for f in ranked:
-            if excess > 0 and budgets[f] < cap:
+            if excess > 0 and budgets[f] < caps[f]:
                 budgets[f] += 1
                 excess -= 1
     return budgets
@@ -116,3 +117,30 @@ def test_heavier_frame_never_gets_fewer_tokens(problem):
         for j in range(len(weights)):
             if weights[i] > weights[j] and sum(weights) > 0:
                 assert budgets[i] >= budgets[j] - 1  # largest-remainder rounding differs by one at most
+
+
+@st.composite
+def capped_problems(draw):
+    frames = draw(st.integers(1, 10))
+    caps = draw(st.lists(st.integers(0, 20), min_size=frames, max_size=frames))
+    floor = draw(st.integers(0, min(caps)))
+    total = draw(st.integers(frames * floor, sum(caps)))
+    weights = draw(st.lists(st.floats(0, 1, allow_nan=False), min_size=frames, max_size=frames))
+    return weights, total, caps, floor
+
+
+@settings(max_examples=300, deadline=None)
+@given(capped_problems())
+def test_per_frame_caps_match_the_reference(problem):
+    # what FastV does after an encoder stage: each frame capped at what the encoder left of it
+    weights, total, caps, floor = problem
+    budgets = allocate_budgets(weights, total, caps, floor)
+    assert sum(budgets) == total and all(floor <= b <= c for b, c in zip(budgets, caps))
+    assert budgets == reference_allocate(weights, total, caps, floor)
+
+
+def test_per_frame_caps_are_checked():
+    with pytest.raises(ValueError, match="per-frame caps"):
+        allocate_budgets([1, 1, 1], 10, [5, 5, 5, 5])
+    with pytest.raises(ValueError, match="exceeds 2 frames with their per-frame caps = 7"):
+        allocate_budgets([1, 1], 8, [3, 4])

@@ -1,7 +1,7 @@
 """vidtok: DyToK dynamic token compression for Video LLMs on Hugging Face transformers."""
 
 from .budget import allocate_budgets, total_budget
-from .compressors import Compressor, DyToK, FrameSignals, Full, Random, Uniform, VisionZip
+from .compressors import Composed, Compressor, DyToK, FastV, FrameSignals, Full, Random, Uniform, VisionZip
 from .importance import frame_weights, last_token_attention, parse_layers
 from .models import UnsupportedModelError, adapter_for, register_adapter, supported_model_types
 from .pipeline import Plan, Prepared, Result, generate, prepare
@@ -10,8 +10,10 @@ from .video import VideoError, preprocess, read_frames
 __version__ = "0.1.0"
 
 __all__ = [
+    "Composed",
     "Compressor",
     "DyToK",
+    "FastV",
     "FrameSignals",
     "Full",
     "Plan",

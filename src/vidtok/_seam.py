@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
 
+import torch
+
 CAPTURE_IMPLEMENTATION = "vidtok_capture"
 
 Observer = Callable[..., None]
@@ -70,3 +72,78 @@ def observe_attention(model, sub_configs: Sequence[str], observers: Mapping[obje
     finally:
         _OBSERVERS.reset(token)
         model.set_attn_implementation({key: previous[key] for key in sub_configs})
+
+
+def _rows(value, keep: torch.Tensor, dim: int):
+    return value.index_select(dim, keep.to(value.device)) if torch.is_tensor(value) else value
+
+
+def _cut(kwargs: dict, rows: torch.Tensor | None, columns: Callable[[int], torch.Tensor]) -> dict:
+    """A decoder layer's keyword inputs, computed by transformers once at full length, cut to the kept
+    tokens: query rows (positions, rotary tables; prefill only) and mask key columns (every step)."""
+    out = dict(kwargs)
+    mask = out.get("attention_mask")
+    if torch.is_tensor(mask) and mask.ndim == 4:  # [B, 1, Q, K]; None means sdpa's own causal mask, right as it is
+        if rows is not None:
+            mask = _rows(mask, rows, 2)
+        out["attention_mask"] = _rows(mask, columns(mask.shape[-1]), 3)
+    elif mask is not None:
+        raise RuntimeError(f"cannot drop tokens under a {type(mask).__name__} attention mask of shape {getattr(mask, 'shape', None)}")
+    if rows is not None:
+        if out.get("position_embeddings") is not None:
+            out["position_embeddings"] = tuple(_rows(t, rows, -2) for t in out["position_embeddings"])
+        for name in ("position_ids", "cache_position"):
+            if out.get(name) is not None:
+                out[name] = _rows(out[name], rows, -1)
+    return out
+
+
+@contextmanager
+def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: int, choose: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Within the block, decoder layers `start`.. run on the prompt positions `choose()` returns only.
+
+    `choose()` runs once per prefill, when layer `start` is reached (earlier layers have run on every
+    token, so their observers have fired). The hidden states are cut there; every later layer's mask,
+    position and rotary inputs are cut to match, so the kept tokens keep their full-layout positions.
+    Their cache therefore holds only the kept tokens, and each decoding step's mask columns are cut
+    to it. Layers before `start`, and the cache's length as transformers reads it (layer 0), stay
+    full, so decoding continues the full layout's positions. Hooks are removed on exit, also after
+    a raise.
+    """
+    state: dict = {"keep": None, "rows": None}
+
+    def columns(mask_len: int) -> torch.Tensor:
+        # kept prompt positions, then every position generated after the prompt
+        return torch.cat([state["keep"], torch.arange(prompt_length, mask_len, device=state["keep"].device)])
+
+    def first(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or cache.get_seq_length(start) == 0:  # a prefill
+            if hidden.shape[1] != prompt_length:
+                raise RuntimeError(
+                    f"FastV expects the {prompt_length}-token prompt in one forward, got {hidden.shape[1]} tokens; "
+                    "prefill the prepared inputs as they are (no chunked prefill, batch size 1)"
+                )
+            state["keep"] = state["rows"] = choose().to(hidden.device)
+            hidden = hidden.index_select(1, state["keep"])
+        elif state["keep"] is None:
+            raise RuntimeError("a cache prefilled outside vidtok's FastV context reached it; prefill inside the context")
+        else:
+            state["rows"] = None
+        kwargs = _cut(kwargs, state["rows"], columns)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def later(module, args, kwargs):
+        return args, _cut(kwargs, state["rows"], columns)
+
+    handles = []
+    try:
+        handles.append(layers[start].register_forward_pre_hook(first, with_kwargs=True))
+        handles += [layer.register_forward_pre_hook(later, with_kwargs=True) for layer in layers[start + 1 :]]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

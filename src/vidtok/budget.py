@@ -23,8 +23,11 @@ def check_retention(retention: float) -> None:
         raise ValueError(f"retention must be a number in (0, 1], got {retention!r} (1.0 keeps every token)")
 
 
-def allocate_budgets(weights: Sequence[float], total: int, cap: int, floor: int = 0) -> list[int]:
+def allocate_budgets(weights: Sequence[float], total: int, cap: int | Sequence[int], floor: int = 0) -> list[int]:
     """Split `total` tokens across frames in proportion to `weights`, at most `cap` per frame.
+
+    `cap` is one int for every frame, or one per frame (an LLM-side stage after an encoder-side
+    one can keep at most what the encoder left of each frame).
 
     1. a_f = w_f * total (after flooring `floor` tokens to every frame); floor it and hand the
        leftover one token each to the largest remainders (ties: lower frame index first).
@@ -38,14 +41,18 @@ def allocate_budgets(weights: Sequence[float], total: int, cap: int, floor: int 
         raise ValueError("no frames to allocate a budget to")
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"frame weights must be finite and >= 0, got {weights}")
-    for name, value in (("total", total), ("cap", cap), ("floor", floor)):
+    caps = list(cap) if isinstance(cap, Sequence) else [cap] * frames
+    if len(caps) != frames:
+        raise ValueError(f"{len(caps)} per-frame caps for {frames} frames")
+    for name, value in (("total", total), ("floor", floor), *(("cap", c) for c in caps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    if floor > cap:
-        raise ValueError(f"floor ({floor}) exceeds cap ({cap}); lower the floor or raise the cap")
-    if total > frames * cap:
+    if floor > min(caps):
+        raise ValueError(f"floor ({floor}) exceeds cap ({min(caps)}); lower the floor or raise the cap")
+    if total > sum(caps):
+        shown = f"x cap {cap}" if not isinstance(cap, Sequence) else "with their per-frame caps"
         raise ValueError(
-            f"budget {total} exceeds {frames} frames x cap {cap} = {frames * cap}; "
+            f"budget {total} exceeds {frames} frames {shown} = {sum(caps)}; "
             "lower the retention or raise the per-frame cap"
         )
     if total < frames * floor:
@@ -69,12 +76,12 @@ def allocate_budgets(weights: Sequence[float], total: int, cap: int, floor: int 
         budgets[f] += 1
     budgets = [b + floor for b in budgets]
 
-    excess = sum(max(b - cap, 0) for b in budgets)
-    budgets = [min(b, cap) for b in budgets]
+    excess = sum(max(b - c, 0) for b, c in zip(budgets, caps))
+    budgets = [min(b, c) for b, c in zip(budgets, caps)]
     by_weight = sorted(range(frames), key=lambda f: (-shares[f], f))
     while excess:
         for f in by_weight:
-            if excess and budgets[f] < cap:
+            if excess and budgets[f] < caps[f]:
                 budgets[f] += 1
                 excess -= 1
     return budgets

@@ -25,14 +25,33 @@ def last_token_attention(query: torch.Tensor, key: torch.Tensor, visual_index: t
     return scores.softmax(dim=-1).mean(dim=1)
 
 
-def frame_weights(token_weights: torch.Tensor, frames: int) -> torch.Tensor:
-    """[L, F*T] per-layer token weights -> [F] frame weights summing to 1.
+def last_token_attention_all_keys(query: torch.Tensor, key: torch.Tensor, visual_index: torch.Tensor, scaling: float) -> torch.Tensor:
+    """FastV's ranking: the last query's attention with the softmax over **all** keys (the last
+    position sees every earlier one), read at the visual positions, averaged over heads: [B, N]."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} key heads")
+    q = query[:, :, -1, :].float()
+    k = key.float().repeat_interleave(heads // kv_heads, dim=1)
+    probs = (torch.einsum("bhd,bhnd->bhn", q, k) * scaling).softmax(dim=-1)
+    return probs[:, :, visual_index].mean(dim=1)
 
-    Mean over the tokens of a frame, then over layers, then normalised.
+
+def frame_weights(token_weights: torch.Tensor, frames) -> torch.Tensor:
+    """[L, N] per-layer token weights -> [F] frame weights summing to 1.
+
+    `frames`: the number of frames (N = F * T, equal frames) or each frame's token count (frames an
+    earlier stage left unequal). Mean over the tokens of a frame (a frame with none weighs 0), then
+    over layers, then normalised.
     """
-    if token_weights.ndim != 2 or token_weights.shape[1] % frames:
+    lengths = [token_weights.shape[-1] // frames] * frames if isinstance(frames, int) else list(frames)
+    if token_weights.ndim != 2 or (isinstance(frames, int) and token_weights.shape[1] % frames) or sum(lengths) != token_weights.shape[1]:
         raise ValueError(f"expected [layers, {frames} * tokens_per_frame] weights, got {tuple(token_weights.shape)}")
-    per_frame = token_weights.float().reshape(token_weights.shape[0], frames, -1).mean(dim=2).mean(dim=0)
+    if isinstance(frames, int):
+        per_frame = token_weights.float().reshape(token_weights.shape[0], frames, -1).mean(dim=2).mean(dim=0)
+    else:
+        chunks = token_weights.float().split(lengths, dim=1)
+        per_frame = torch.stack([c.mean(dim=1).mean(dim=0) if c.shape[1] else c.new_zeros(()) for c in chunks])
     return per_frame / per_frame.sum()
 
 

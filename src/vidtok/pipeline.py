@@ -6,20 +6,31 @@ import os
 import time
 import warnings
 import weakref
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import flops
+from ._seam import drop_tokens, observe_attention
 from .budget import allocate_budgets, total_budget
-from .compressors import Compressor, DyToK, Full
-from .importance import frame_weights, parse_layers
+from .compressors import Composed, Compressor, DyToK, FastV, Full
+from .compressors.fastv import fastv_keep
+from .importance import frame_weights, last_token_attention, last_token_attention_all_keys, parse_layers
 from .models import adapter_for
 
 
 @dataclass
 class Plan:
-    """What a call decided: frame weights, per-frame budgets, kept token indices, stage times."""
+    """What a call decided: frame weights, per-frame budgets, kept token indices, stage times.
+
+    `retention`, `budgets`, `kept` and `visual_tokens_kept` describe the tokens that reach the LLM's
+    last layers: with FastV (`layer` K), those kept from layer K on; `vision_retention` and
+    `vision_budgets` what the encoder side passed to the LLM. With FastV alone or a FastV prior read
+    inside the prefill, what is decided there (budgets, kept, inline frame weights) is filled in
+    when the prefill runs, inside `Prepared.apply()`; until then it is None.
+    """
 
     method: str
     guide: str | None
@@ -27,13 +38,17 @@ class Plan:
     frames: int
     tokens_per_frame: int
     total_budget: int
-    budgets: list[int]
+    budgets: list[int] | None
     frame_weights: list[float] | None
     guide_layers: list[int] | None
-    kept: list[list[int]]
+    kept: list[list[int]] | None
     visual_tokens_in: int
-    visual_tokens_kept: int
+    visual_tokens_kept: int | None
     seconds: dict[str, float] = field(default_factory=dict)
+    layer: int | None = None  # FastV's layer K (None: nothing is dropped inside the LLM)
+    flops_retention: float | None = None  # the retention a vision-side method needs for the same LLM prefill FLOPs
+    vision_retention: float | None = None  # share of visual tokens the LLM receives (before layer K)
+    vision_budgets: list[int] | None = None  # per-frame tokens the LLM receives, when FastV drops more inside it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +58,9 @@ class Plan:
 class Prepared:
     inputs: dict  # keyword arguments for model(**inputs) or model.generate(**inputs)
     plan: Plan
+    # `with prepared.apply(): model.generate(**prepared.inputs)`: LLM-side methods (FastV) drop tokens
+    # inside it, hooks installed for the block only; for encoder-side methods it does nothing.
+    apply: Callable = field(default=nullcontext, repr=False)
 
 
 @dataclass
@@ -84,7 +102,84 @@ def _describe(method) -> tuple[Compressor, DyToK | None]:
         return method.base, method
     if isinstance(method, Compressor):
         return method, None
-    raise TypeError(f"method must be a compressor (Full, Uniform, Random, VisionZip) or DyToK(...), got {type(method).__name__}")
+    raise TypeError(f"method must be a compressor (Full, Uniform, Random, VisionZip, FastV, Composed) or DyToK(...), got {type(method).__name__}")
+
+
+def _stages(base: Compressor) -> tuple[Compressor, FastV | None]:
+    """(encoder-side compressor, LLM-side FastV or None)."""
+    if isinstance(base, Composed):
+        return base.encoder, base.llm
+    if isinstance(base, FastV):
+        return Full(), base
+    return base, None
+
+
+def _inline_layers(dytok: DyToK, fastv: FastV, num_layers: int) -> list[int]:
+    layers = parse_layers(range(fastv.layer) if dytok.layers is None else dytok.layers, num_layers)
+    if max(layers) >= fastv.layer:
+        raise ValueError(
+            f"the inline prior reads layers {layers}, but FastV drops tokens from layer {fastv.layer} on: "
+            f"inline layers must be below it (0..{fastv.layer - 1}); pick earlier layers or a later FastV layer"
+        )
+    return layers
+
+
+class _FastVStage:
+    """FastV for one prepared prompt: observers on the layers below K read the last token's attention
+    (the ranking at K-1; the inline prior's layers), and at layer K the kept tokens are chosen and
+    the rest dropped (_seam.drop_tokens). Fills the plan's LLM-side fields at each prefill."""
+
+    def __init__(self, adapter, fastv, input_ids, lengths, encoder_kept, total, budgets, dytok, inline_layers, plan):
+        self.adapter, self.fastv, self.plan = adapter, fastv, plan
+        self.lengths, self.encoder_kept, self.total, self.budgets = lengths, encoder_kept, total, budgets
+        self.dytok, self.inline_layers = dytok, inline_layers
+        self.prompt_length = input_ids.shape[1]
+        self.visual = adapter.visual_positions(input_ids)
+        self.captured: dict = {}
+
+    def _observer(self, layer: int):
+        rank = layer == self.fastv.layer - 1
+        prior = layer in (self.inline_layers or ())
+
+        def observe(module, query, key, scaling):
+            if query.shape[2] != self.prompt_length:  # a decoding step: the choice is made
+                return
+            visual = self.visual.to(query.device)
+            if rank:
+                self.captured["rank"] = last_token_attention_all_keys(query, key, visual, scaling)[0]
+            if prior:
+                self.captured[layer] = last_token_attention(query, key, visual, scaling)[0]
+
+        return observe
+
+    def choose(self) -> torch.Tensor:
+        scores = self.captured.pop("rank", None)
+        if scores is None:
+            raise RuntimeError(f"FastV's ranking layer {self.fastv.layer - 1} was never observed: its attention could not be captured")
+        budgets = self.budgets
+        if self.inline_layers is not None:
+            weights = frame_weights(torch.stack([self.captured.pop(layer) for layer in self.inline_layers]), self.lengths)
+            budgets = self.dytok.budgets(weights.tolist(), self.total, self.adapter.tokens_per_frame, available=self.lengths)
+            self.plan.frame_weights = [float(w) for w in weights]
+        kept = fastv_keep(scores, self.lengths, self.total, budgets)
+        self.plan.budgets = [len(k) for k in kept]
+        self.plan.kept = [[frame_kept[i] for i in k] for frame_kept, k in zip(self.encoder_kept, kept)]
+        self.plan.visual_tokens_kept = sum(self.plan.budgets)
+        starts = torch.tensor([0] + self.lengths).cumsum(0)[:-1]
+        chosen = torch.cat([torch.tensor(k, dtype=torch.long) + s for k, s in zip(kept, starts.tolist())])
+        keep = torch.ones(self.prompt_length, dtype=torch.bool)
+        keep[self.visual.cpu()] = False
+        keep[self.visual.cpu()[chosen]] = True
+        return keep.nonzero().squeeze(1)
+
+    @contextmanager
+    def apply(self):
+        layers = sorted({self.fastv.layer - 1, *(self.inline_layers or ())})
+        observers = {self.adapter.decoder_layers[layer].self_attn: self._observer(layer) for layer in layers}
+        with observe_attention(self.adapter.model, ["text_config"], observers), drop_tokens(
+            self.adapter.decoder_layers, self.fastv.layer, self.prompt_length, self.choose
+        ):
+            yield
 
 
 def _guide_adapter(dytok: DyToK, adapter):
@@ -173,6 +268,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         raise ValueError("the question must be a non-empty string")
     _check_question(tokenizer, question)
     base, dytok = _describe(method)
+    encoder, fastv = _stages(base)
     adapter = adapter_for(model)
     seconds: dict[str, float] = {}
     timer = _Timer(seconds, device_sync(adapter.device))
@@ -180,27 +276,36 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         pixels = adapter.pixels(video, frames)
     num_frames, per_frame = pixels.shape[0], adapter.tokens_per_frame
     retention = dytok.retention if dytok else base.retention
-    budget = total_budget(retention, num_frames, per_frame)
-    compressing = budget < num_frames * per_frame
+    if fastv is None:
+        vision_budget = total_budget(retention, num_frames, per_frame)
+    else:
+        fastv.check_layer(adapter.num_layers)
+        vision_budget = total_budget(encoder.retention, num_frames, per_frame)
+    llm_budget = vision_budget if fastv is None else total_budget(fastv.retention, 1, vision_budget)
+    dropping = llm_budget < vision_budget
+    compressing = vision_budget < num_frames * per_frame
+    inline = dytok is not None and dytok.guide_name == "inline"
     guide, layers = None, None
-    if dytok is not None:  # check the guide and its layers before any work
+    if inline:
+        layers = _inline_layers(dytok, fastv, adapter.num_layers)
+    elif dytok is not None:  # check the guide and its layers before any work
         guide = _guide_adapter(dytok, adapter)
         layers = parse_layers(dytok.layers, guide.num_layers)
 
     with timer("vision"):
-        encoded = adapter.encode_video(pixels, signals=compressing and base.needs_vision_signals)
+        encoded = adapter.encode_video(pixels, signals=compressing and encoder.needs_vision_signals)
     features, newline = encoded.features, encoded.newline
 
     weights = None
-    if dytok is not None and compressing:
+    if dytok is not None and not inline and (compressing or dropping):
         weights = _guide_weights(dytok, guide, adapter, layers, tokenizer, question, pixels, encoded, timer)
-        budgets = dytok.budgets(weights.tolist(), budget, per_frame)
+        vision_budgets = dytok.budgets(weights.tolist(), vision_budget, per_frame)
     else:
-        budgets = allocate_budgets([1.0] * num_frames, budget, per_frame)
+        vision_budgets = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
 
     with timer("compress"):
         if compressing:
-            tokens, kept = base.compress(features, budgets, encoded.signals)
+            tokens, kept = encoder.compress(features, vision_budgets, encoded.signals)
         else:
             tokens, kept = features.flatten(0, 1), [list(range(per_frame)) for _ in range(num_frames)]
         video_embeds = torch.cat([tokens, newline])
@@ -209,21 +314,39 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         inputs = adapter.model_inputs(input_ids, video_embeds)
 
     plan = Plan(
-        method=base.name,
+        method=base.label,
         guide=dytok.guide_name if dytok else None,
         retention=float(retention),
         frames=num_frames,
         tokens_per_frame=per_frame,
-        total_budget=budget,
-        budgets=budgets,
+        total_budget=llm_budget,
+        budgets=vision_budgets,
         frame_weights=None if weights is None else [float(w) for w in weights],
-        guide_layers=layers if weights is not None else None,
+        guide_layers=layers if (weights is not None or (inline and dropping)) else None,
         kept=kept,
         visual_tokens_in=num_frames * per_frame,
         visual_tokens_kept=int(tokens.shape[0]),
         seconds=seconds,
+        vision_retention=vision_budget / (num_frames * per_frame),
+        flops_retention=vision_budget / (num_frames * per_frame),
     )
-    return Prepared(inputs=inputs, plan=plan)
+    apply = nullcontext
+    if fastv is not None:
+        plan.layer = fastv.layer
+        if dropping:
+            lengths = [len(k) for k in kept]
+            text_config = adapter.model.config.get_text_config()
+            text_tokens = input_ids.shape[1] - vision_budget  # the newline and the prompt's text are never dropped
+            cost = flops.fastv_prefill_flops(text_config, input_ids.shape[1], text_tokens + llm_budget, fastv.layer)
+            plan.flops_retention = flops.equal_flops_retention(text_config, text_tokens, num_frames * per_frame, cost)
+            plan.vision_budgets = vision_budgets
+            budgets = None
+            if weights is not None:  # an assistant's or a self pass's prior: the same split, capped by what each frame has
+                budgets = dytok.budgets(weights.tolist(), llm_budget, per_frame, available=lengths)
+            plan.budgets, plan.kept, plan.visual_tokens_kept = budgets, None, None
+            stage = _FastVStage(adapter, fastv, input_ids, lengths, kept, llm_budget, budgets, dytok, layers if inline else None, plan)
+            apply = stage.apply
+    return Prepared(inputs=inputs, plan=plan, apply=apply)
 
 
 @torch.no_grad()
@@ -242,7 +365,7 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
             f"limit of {limit}: tokens past it are out of the model's trained range",
             stacklevel=2,
         )
-    with _Timer(prepared.plan.seconds, device_sync(prepared.inputs["input_ids"].device))("generate"):
+    with prepared.apply(), _Timer(prepared.plan.seconds, device_sync(prepared.inputs["input_ids"].device))("generate"):
         sequences = model.generate(**prepared.inputs, **generate_kwargs)
     text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
     return Result(text=text, plan=prepared.plan, sequences=sequences, prompt_tokens=prompt_length)

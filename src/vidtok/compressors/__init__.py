@@ -1,35 +1,65 @@
 """Base compressors (one file each) and the DyToK wrapper that drives them with per-frame budgets."""
 
 from .base import Compressor, FrameSignals
+from .composed import Composed
 from .dytok import DyToK
+from .fastv import FastV
 from .full import Full
 from .random_tokens import Random
 from .uniform import Uniform
 from .visionzip import VisionZip
 
-COMPRESSORS = {cls.name: cls for cls in (Full, Uniform, Random, VisionZip)}
-METHODS = tuple(COMPRESSORS)
-GUIDES = ("none", "self", "assistant")
+COMPRESSORS = {cls.name: cls for cls in (Full, Uniform, Random, VisionZip, FastV)}
+ENCODERS = ("uniform", "random", "visionzip")
+# an encoder-side compressor then FastV on what it left: "visionzip+fastv" (--vision-retention sets the first share)
+METHODS = tuple(COMPRESSORS) + tuple(f"{name}+fastv" for name in ENCODERS)
+GUIDES = ("none", "self", "assistant", "inline")
 
 
-def build_method(name: str, retention: float | None, guide: str, assistant=None, layers=None, cap=None, floor=0, seed=0, guide_pool=1):
-    """A method from names, as the CLI, eval and bench spell them: method x guide ("none", "self", "assistant")."""
-    if name not in COMPRESSORS:
+def build_method(name: str, retention: float | None, guide: str, assistant=None, layers=None, cap=None, floor=0, seed=0, guide_pool=1,
+                 layer=2, vision_retention=None):
+    """A method from names, as the CLI, eval and bench spell them: method x guide ("none", "self", "assistant", "inline").
+
+    `layer`: FastV's layer. For "ENCODER+fastv", `retention` is the share kept from FastV's layer on and
+    `vision_retention` the encoder's share (FastV keeps retention / vision_retention of what is left)."""
+    if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    if guide == "inline" and "fastv" not in name:
+        raise ValueError("--guide inline reads the main model's own attention before FastV drops tokens: it needs --method fastv (or ENCODER+fastv)")
+    if vision_retention is not None and "+" not in name:
+        raise ValueError("--vision-retention sets the encoder's share of a composed method: use it with --method ENCODER+fastv")
+    if "+" in name:
+        total = 0.25 if retention is None else retention
+        if vision_retention is None:
+            raise ValueError(f"--method {name} needs --vision-retention V (the encoder's share; FastV keeps retention / V of it)")
+        if not (isinstance(vision_retention, (int, float)) and 0 < total <= vision_retention <= 1):
+            raise ValueError(f"--vision-retention must be in [retention, 1] = [{total:g}, 1], got {vision_retention!r}")
+        encoder_name = name.split("+")[0]
+        kwargs = {"seed": seed} if encoder_name == "random" else {}
+        base = Composed(encoder=COMPRESSORS[encoder_name](retention=vision_retention, **kwargs),
+                        llm=FastV(retention=min(1.0, total / vision_retention), layer=layer))
+        return _guided(base, guide, assistant, layers, cap, floor, guide_pool)
     if name == "full":
         if guide != "none":
             raise ValueError("--method full keeps every token, so there is nothing for a guide to do; use --guide none")
         if retention not in (None, 1.0):
             raise ValueError("--method full keeps every token; drop --retention or pick a compressing method")
         return Full()
-    kwargs = {"seed": seed} if name == "random" else {}
+    kwargs = {"seed": seed} if name == "random" else {"layer": layer} if name == "fastv" else {}
     base = COMPRESSORS[name](retention=0.25 if retention is None else retention, **kwargs)
+    return _guided(base, guide, assistant, layers, cap, floor, guide_pool)
+
+
+def _guided(base, guide, assistant, layers, cap, floor, guide_pool):
     if guide == "none":
         if guide_pool != 1 or cap is not None or floor:
             raise ValueError("--guide-pool, --cap and --floor shape DyToK's budgets: they need --guide self or assistant")
         return base
     if guide == "assistant" and assistant is None:
         raise ValueError("--guide assistant needs --assistant PATH (an assistant model of the same family)")
-    return DyToK(base, guide="self" if guide == "self" else assistant, layers=layers, cap=cap, floor=floor, guide_pool=guide_pool)
+    if guide == "inline" and guide_pool != 1:
+        raise ValueError("--guide-pool shapes a separate guide pass; the inline prior reads the main prefill itself")
+    return DyToK(base, guide=assistant if guide == "assistant" else guide, layers=layers, cap=cap, floor=floor, guide_pool=guide_pool)
 
-__all__ = ["COMPRESSORS", "GUIDES", "METHODS", "build_method", "Compressor", "DyToK", "FrameSignals", "Full", "Random", "Uniform", "VisionZip"]
+__all__ = ["COMPRESSORS", "GUIDES", "METHODS", "build_method", "Composed", "Compressor", "DyToK", "FastV", "FrameSignals", "Full",
+           "Random", "Uniform", "VisionZip"]

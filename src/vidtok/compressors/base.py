@@ -35,6 +35,11 @@ class Compressor:
 
     name: ClassVar[str] = "base"
     needs_vision_signals: ClassVar[bool] = False
+    side: ClassVar[str] = "vision"  # where tokens go: "vision" (before the LLM), "llm" (inside it), "both"
+
+    @property
+    def label(self) -> str:
+        return self.name
 
     def __post_init__(self):
         check_retention(self.retention)

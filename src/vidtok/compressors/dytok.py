@@ -14,14 +14,15 @@ class DyToK:
     """DyToK: split the global budget across frames by the guide's keyframe prior, then let `base`
     keep that many tokens per frame.
 
-    The guide is the main model itself ("self") or an assistant model of the same family; the
-    assistant is only referenced here, never attached to the main model.
+    The guide is the main model itself ("self", a pass of its own), an assistant model of the same
+    family (referenced here, never attached to the main model), or, for FastV, "inline": the main
+    model's own attention in layers below FastV's layer, read in the same prefill at no extra cost.
     """
 
     base: Compressor
     retention: float | None = field(default=None, metadata={"help": "kept share of visual tokens; None: the base's"})
-    guide: Any = field(default="self", metadata={"help": '"self" or an assistant model of the same family'})
-    layers: Any = field(default=None, metadata={"help": "guide layers: list, range or 'A-B'; None: last third"})
+    guide: Any = field(default="self", metadata={"help": '"self", "inline" (FastV only) or an assistant model of the same family'})
+    layers: Any = field(default=None, metadata={"help": "guide layers: list, range or 'A-B'; None: last third (inline: every layer below FastV's)"})
     cap: int | None = field(default=None, metadata={"help": "max tokens per frame; None: all of a frame's tokens"})
     floor: int = field(default=0, metadata={"help": "min tokens per frame (temporal coverage); 0 as in the reference"})
     guide_pool: int = field(default=1, metadata={"help": "the guide sees each frame average-pooled k x k (1: full grid)"})
@@ -41,10 +42,20 @@ class DyToK:
         check_retention(self.retention)
         if self.guide is None:
             raise ValueError('guide must be "self" or an assistant model, got None; for static budgets use the base compressor alone')
-        if isinstance(self.guide, (str, os.PathLike)) and self.guide != "self":
+        if isinstance(self.guide, (str, os.PathLike)) and self.guide not in ("self", "inline"):
             raise ValueError(
-                f'guide must be "self" or a loaded assistant model, got {self.guide!r}; '
+                f'guide must be "self", "inline" or a loaded assistant model, got {self.guide!r}; '
                 "load an assistant with AutoModelForImageTextToText.from_pretrained(path)"
+            )
+        if self.guide == "inline" and self.base.side == "vision":
+            raise ValueError(
+                'guide="inline" reads the main model\'s attention in the LLM layers before FastV drops tokens; '
+                f"it needs FastV (or an encoder compressor composed with FastV), not {self.base.name}: use guide=\"self\" or an assistant"
+            )
+        if self.base.side == "both" and self.retention != self.base.retention:
+            raise ValueError(
+                f"a composed method's retention is its encoder's x FastV's ({self.base.retention:g}); "
+                f"leave DyToK's retention out (got {self.retention:g})"
             )
         if self.cap is not None and (isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 1):
             raise ValueError(f"cap must be a positive int or None, got {self.cap!r}")
@@ -55,13 +66,16 @@ class DyToK:
 
     @property
     def guide_name(self) -> str:
-        return "self" if isinstance(self.guide, str) else "assistant"
+        return self.guide if isinstance(self.guide, str) else "assistant"
 
-    def budgets(self, weights, total: int, tokens_per_frame: int) -> list[int]:
+    def budgets(self, weights, total: int, tokens_per_frame: int, available: list[int] | None = None) -> list[int]:
+        """Per-frame budgets; `available`: what an earlier stage left of each frame (a further cap)."""
         cap = tokens_per_frame if self.cap is None else self.cap
         if cap > tokens_per_frame:
             raise ValueError(f"cap {cap} exceeds the {tokens_per_frame} tokens a frame has; use a cap <= {tokens_per_frame}")
-        return allocate_budgets(weights, total, cap, self.floor)
+        if available is None:
+            return allocate_budgets(weights, total, cap, self.floor)
+        return allocate_budgets(weights, total, [min(cap, a) for a in available], min(self.floor, min(available)))
 
     def __str__(self) -> str:
         pool = f", guide_pool={self.guide_pool}" if self.guide_pool != 1 else ""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops
+from .. import flops
 from ..pipeline import _Timer, device_sync, prepare
 
 STAGES = ("decode", "vision", "guide_vision", "guide", "compress", "prefill")

@@ -222,6 +222,11 @@ class LlavaOnevisionAdapter:
             "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=video_embeds[None])},
         }
 
+    @property
+    def decoder_layers(self):
+        """The LLM's decoder layers, in order; layer i's attention module is `.self_attn`."""
+        return self.inner.language_model.layers
+
     def token_attention(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """Last-token attention to the frame tokens at `layers`: [len(layers), F*T].
 
@@ -229,7 +234,7 @@ class LlavaOnevisionAdapter:
         no LM head, no KV cache), with sdpa everywhere.
         """
         visual = self.visual_positions(input_ids)
-        decoder_layers = self.inner.language_model.layers
+        decoder_layers = self.decoder_layers
         deepest = max(layers)
         captured: dict[int, torch.Tensor] = {}
 
