@@ -1,6 +1,9 @@
 """FastV inside the LLM: tokens physically dropped from layer K on, checked against an independent
 reference that keeps every token and masks the dropped keys in layers >= K."""
 
+import json
+import re
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -247,3 +250,91 @@ def test_flops_helpers_invert_each_other(model):
     assert flops.fastv_prefill_flops(text, 1050, 50 + k, 1) <= 0.5 * full < flops.fastv_prefill_flops(text, 1050, 51 + k, 1)
     with pytest.raises(ValueError, match="raise the share or use an earlier --layer"):
         flops.fastv_keep_for_flops(text, 50, 1000, 2, 0.5)
+
+
+# --- CLI, eval and bench --------------------------------------------------------------------
+
+def run_json(capsys, *args):
+    from vidtok.cli import main
+
+    assert main(["run", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_runs_fastv_static_inline_and_composed(capsys):
+    static = run_json(capsys, "--method", "fastv", "--guide", "none")
+    assert static["method"] == "fastv" and static["layer"] == 2 and static["guide"] is None
+    assert sum(static["budgets"]) == static["total_budget"] == static["visual_tokens_kept"] == 64
+    assert 0.25 < static["flops_retention"] < 1  # layers 0..1 still see every token
+    inline = run_json(capsys, "--method", "fastv", "--guide", "inline", "--layer", "3")
+    assert inline["guide"] == "inline" and inline["layer"] == 3 and inline["guide_layers"] == [1]  # calibrated, below 3
+    sample = json.loads((__import__("vidtok.testbed.toy").testbed.toy.ASSETS / "sample" / "sample.json").read_text())
+    assert inline["budgets"][sample["needle_frame"]] == 16  # the prior finds the needle frame
+    composed = run_json(capsys, "--method", "visionzip+fastv", "--vision-retention", "0.5", "--retention", "0.125")
+    assert composed["vision_retention"] == 0.5 and sum(composed["vision_budgets"]) == 128 and sum(composed["budgets"]) == 32
+
+
+def test_cli_match_flops_picks_the_largest_keep_within_the_share(capsys):
+    from vidtok.testbed.toy import load_default
+
+    record = run_json(capsys, "--method", "fastv", "--guide", "none", "--match-flops", "0.6", "--layer", "1")
+    model = load_default()[0]
+    text = model.config.get_text_config()
+    visual, kept = record["visual_tokens_in"], record["visual_tokens_kept"]
+    tokenizer = load_default()[1]
+    prompt = adapter_for(model).input_ids(tokenizer, record["question"], visual + 1).shape[1]
+    full = flops.fastv_prefill_flops(text, prompt, prompt, text.num_hidden_layers)
+    assert flops.fastv_prefill_flops(text, prompt, prompt - visual + kept, 1) <= 0.6 * full
+    assert flops.fastv_prefill_flops(text, prompt, prompt - visual + kept + 1, 1) > 0.6 * full
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "visionzip", "--match-flops", "0.5"], "use it with --method fastv"),
+        (["--method", "fastv", "--match-flops", "0.01", "--layer", "3"], "raise the share or use an earlier --layer"),
+        (["--method", "fastv", "--layer", "4"], r"outside 1\.\.3"),
+        (["--method", "visionzip", "--guide", "inline"], "needs --method fastv"),
+        (["--method", "fastv", "--vision-retention", "0.5"], "use it with --method ENCODER"),
+        (["--method", "visionzip+fastv"], "needs --vision-retention"),
+        (["--method", "fastv", "--retention", "1.5"], "retention must be a number in"),
+    ],
+)
+def test_cli_bad_fastv_input_is_one_clear_line(capsys, args, message):
+    from vidtok.cli import main
+
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_runs_fastv_with_every_prior(tmp_path):
+    from vidtok.harness.evaluate import EvalConfig, evaluate
+    from vidtok.testbed.synth import write_split
+    from vidtok.testbed.toy import load_default
+
+    model, tokenizer, assistant, _ = load_default()
+    write_split(tmp_path / "split", seed=5, count=3)
+    config = EvalConfig(split=str(tmp_path / "split"), out=str(tmp_path / "out"), methods=["fastv", "visionzip"],
+                        guides=["none", "inline", "assistant"], retentions=[0.125])
+    summaries = {(s["method"], s["guide"]): s for s in evaluate(config, model, tokenizer, assistant, progress=False)}
+    assert ("visionzip", "inline") not in summaries  # the inline prior exists only inside FastV
+    for key in [("fastv", "none"), ("fastv", "inline"), ("fastv", "assistant")]:
+        assert summaries[key]["samples"] == 3 and summaries[key]["mean_kept_tokens"] == 32
+    assert summaries[("fastv", "inline")]["guide_layers"] == [1]
+
+
+def test_bench_measures_fastv_rows(tmp_path):
+    from vidtok.harness.bench import BenchConfig, run_bench
+
+    config = BenchConfig(name="t", main={"toy": "test"}, guide={"toy": "test", "share_vision": True}, frames=4,
+                         runs=[{"method": "fastv", "guide": "none", "retentions": [0.25], "layer": 1},
+                               {"method": "fastv", "guide": "inline", "retentions": [0.25]},
+                               {"method": "fastv", "guide": "assistant", "retentions": [0.25]}],
+                         repeats=1, warmup=0, decode_tokens=2)
+    rows = run_bench(config, tmp_path, log=lambda *a: None)["rows"]
+    full, static, inline, assistant = rows
+    assert static["fastv_layer"] == 1 and inline["fastv_layer"] == 2 and static["visual_tokens_kept"] == 16
+    assert inline["prefill_flops"]["guide"] == 0 < assistant["prefill_flops"]["guide"]  # the inline prior costs no pass
+    assert static["prefill_flops"]["llm"] < inline["prefill_flops"]["llm"] < full["prefill_flops"]["llm"]  # K=1 saves more than K=2
+    assert all(r["llm_side_speedup"] > 0 for r in rows)

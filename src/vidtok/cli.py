@@ -71,13 +71,32 @@ def _load(args):
     return model, tokenizer, assistant, note
 
 
-def _method(args, model, assistant):
-    from .testbed.toy import calibrated_layers
+def _method(args, model, assistant, tokenizer=None, video=None, question=None):
+    """The method the flags name; with --match-flops, FastV's retention solved for that FLOPs share
+    (returns the method and the video's pixels, decoded once for the solve)."""
+    from .testbed.toy import default_guide_layers
 
     guide = args.guide or ("none" if args.method == "full" else "assistant" if assistant is not None else "self")
-    guide_model = model if guide == "self" else assistant
-    layers = args.layers if args.layers is not None else (calibrated_layers(guide_model) if guide != "none" else None)
-    return build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool)
+    layers = args.layers if args.layers is not None else default_guide_layers(guide, model, assistant, args.layer)
+    retention = args.retention
+    if getattr(args, "match_flops", None) is not None:
+        if args.method != "fastv":
+            raise UsageError("--match-flops picks FastV's keep ratio: use it with --method fastv")
+        if args.retention is not None:
+            raise UsageError("--match-flops sets the retention itself; drop --retention")
+        from .pipeline import fastv_retention_for_flops
+
+        video = fastv_video = _pixels(model, video, args)
+        retention = fastv_retention_for_flops(model, tokenizer, question, fastv_video, args.layer, args.match_flops)
+    method = build_method(args.method, retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool,
+                          layer=args.layer, vision_retention=args.vision_retention)
+    return method, video
+
+
+def _pixels(model, video, args):
+    from .models import adapter_for
+
+    return adapter_for(model).pixels(video, args.frames if args.frames is not None else (16 if args.video is None else 32))
 
 
 def _video_and_question(args):
@@ -94,8 +113,8 @@ def cmd_run(args) -> int:
     from . import pipeline
 
     model, tokenizer, assistant, note = _load(args)
-    method = _method(args, model, assistant)
     video, question, frames = _video_and_question(args)
+    method, video = _method(args, model, assistant, tokenizer, video, question)
     if args.sample:
         import torch
 
@@ -126,11 +145,9 @@ def cmd_viz(args) -> int:
 
     out, fmt = figure_target(args.out)  # before any model is loaded
     model, tokenizer, assistant, note = _load(args)
-    method = _method(args, model, assistant)
     video, question, frames = _video_and_question(args)
-    from .models import adapter_for
-
-    pixels = adapter_for(model).pixels(video, frames)
+    method, video = _method(args, model, assistant, tokenizer, video, question)
+    pixels = _pixels(model, video, args)
     result = pipeline.generate(model, tokenizer, pixels, question, method, max_new_tokens=args.max_new_tokens)
     render(pixels, result.plan, question, result.text, out, format=fmt)
     print(f"wrote {out}" + (f" ({note})" if note else ""))
@@ -160,6 +177,7 @@ def cmd_eval(args) -> int:
         limit=args.limit,
         seed=args.seed,
         guide_pool=args.guide_pool,
+        layer=args.layer,
     )
     summaries = evaluate(config, model, tokenizer, assistant, progress=not args.quiet, overwrite=args.overwrite)
     print(f"{'method':<10} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7} {'failed':>6}")
@@ -238,7 +256,8 @@ def _report(r) -> None:
     guide = f" + DyToK (guide: {r['guide']}, layers {r['guide_layers']})" if r["guide"] else ""
     print(f"question: {r['question']}")
     print(f"answer:   {r['answer']}")
-    print(f"method:   {r['method']}{guide}, retention {r['retention']:g}")
+    fastv = f", FastV layer {r['layer']} (same prefill FLOPs as retention {r['flops_retention']:.3f} before the LLM)" if r.get("layer") else ""
+    print(f"method:   {r['method']}{guide}, retention {r['retention']:g}{fastv}")
     print(f"kept {r['visual_tokens_kept']} of {r['visual_tokens_in']} visual tokens "
           f"({r['frames']} frames x {r['tokens_per_frame']}), budget {r['total_budget']}")
     print(f"budgets:  {' '.join(map(str, r['budgets']))}")
@@ -261,8 +280,12 @@ def _count(text: str) -> int:
 
 
 def _add_method_args(p, retention_default=None):
-    p.add_argument("--method", default="visionzip", choices=METHODS, help="base compressor (default visionzip)")
-    p.add_argument("--guide", choices=GUIDES, help="DyToK guide: none (static budgets), self, assistant (default: assistant if one is available, else self)")
+    p.add_argument("--method", default="visionzip", choices=METHODS,
+                   help="base compressor (default visionzip); fastv drops tokens inside the LLM; ENCODER+fastv chains both")
+    p.add_argument("--guide", choices=GUIDES, help="DyToK guide: none (static budgets), self, assistant, inline (FastV: the main model's own "
+                   "attention below --layer, same prefill) (default: assistant if one is available, else self)")
+    p.add_argument("--layer", type=_count, default=2, help="FastV: the LLM layer from which dropped tokens are gone (default 2, as in FastV)")
+    p.add_argument("--vision-retention", type=float, help="ENCODER+fastv: the encoder's share; --retention is the share kept from --layer on")
     p.add_argument("--assistant", help="assistant model folder (same family and tokenizer) for --guide assistant")
     p.add_argument("--retention", type=float, default=retention_default, help="kept share of visual tokens in (0, 1] (default 0.25)")
     p.add_argument("--layers", help="guide layers, 'A-B' or 'A,B,C' (default: calibrated for the guide, else its last third)")
@@ -290,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[debug], help="answer a question about a video")
     video_args(run)
     run.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    run.add_argument("--match-flops", type=float, help="FastV: keep as many tokens as a prefill of this share of the full one's FLOPs allows")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.set_defaults(func=cmd_run)
 
@@ -302,13 +326,14 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("split", help="questions.jsonl or its folder")
     ev.add_argument("--model", help="model folder (default: the shipped toy model)")
     ev.add_argument("--assistant", help="assistant model folder (default: the shipped toy assistant)")
-    ev.add_argument("--methods", default="visionzip,uniform,random")
-    ev.add_argument("--guides", default="none,self,assistant")
+    ev.add_argument("--methods", default="visionzip,uniform,random", help="comma-separated: full, uniform, random, visionzip, fastv")
+    ev.add_argument("--guides", default="none,self,assistant", help="comma-separated: none, self, assistant, inline (fastv only)")
     ev.add_argument("--retentions", default="0.0625,0.125,0.25,0.5")
     ev.add_argument("--layers", help="guide layers for every run (default: calibrated per guide)")
     ev.add_argument("--limit", type=_count, help="first N questions only")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--guide-pool", type=_count, default=1, help="guided runs: the guide sees frames pooled k x k")
+    ev.add_argument("--layer", type=_count, default=2, help="FastV's layer (default 2)")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
     ev.add_argument("--overwrite", action="store_true",
                     help="recompute result folders made by a different evaluation (other split, limit, model, layers, ...) instead of refusing")

@@ -369,3 +369,20 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
         sequences = model.generate(**prepared.inputs, **generate_kwargs)
     text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
     return Result(text=text, plan=prepared.plan, sequences=sequences, prompt_tokens=prompt_length)
+
+
+def fastv_retention_for_flops(model, tokenizer, question: str, video, layer: int, share: float, *, frames: int | None = None) -> float:
+    """FastV's retention at `layer` whose LLM prefill costs at most `share` of the uncompressed
+    prefill's FLOPs (LM head excluded), for this model's config and this prompt's length: the
+    paper's comparison of methods at equal FLOPs."""
+    _check_question(tokenizer, question)
+    adapter = adapter_for(model)
+    FastV(retention=1.0, layer=layer).check_layer(adapter.num_layers)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"a FLOPs share must be in (0, 1], got {share!r}")
+    visual = adapter.pixels(video, frames).shape[0] * adapter.tokens_per_frame
+    prompt = adapter.input_ids(tokenizer, question, visual + 1).shape[1]
+    keep = flops.fastv_keep_for_flops(adapter.model.config.get_text_config(), prompt - visual, visual, layer, share)
+    if keep < 1:
+        raise ValueError(f"a FLOPs share of {share:g} leaves FastV no visual token at layer {layer}; raise the share or use an earlier --layer")
+    return keep / visual

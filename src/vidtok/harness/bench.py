@@ -148,18 +148,20 @@ def expand_runs(config: BenchConfig) -> list[dict]:
                     "retention": r,
                     "guide_pool": run.get("guide_pool", 1),
                     "layers": run.get("layers"),
+                    "layer": run.get("layer", 2),  # FastV's layer (unused by the other methods)
                 }
             )
     if not any(r["method"] == "full" for r in rows):
-        rows.insert(0, {"method": "full", "guide": "none", "retention": 1.0, "guide_pool": 1, "layers": None})
+        rows.insert(0, {"method": "full", "guide": "none", "retention": 1.0, "guide_pool": 1, "layers": None, "layer": 2})
     return rows
 
 
 def _method(row, assistant):
+    """The method of a bench row (FastV rows: `layer`, default 2)."""
     from ..compressors import build_method
 
     retention = None if row["method"] == "full" else row["retention"]
-    return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"])
+    return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"], layer=row.get("layer", 2))
 
 
 @torch.no_grad()
@@ -168,28 +170,34 @@ def measure(model, tokenizer, video, question, method, frames, decode_tokens) ->
     prepared = prepare(model, tokenizer, video, question, method, frames=frames)
     seconds = prepared.plan.seconds
     timer = _Timer(seconds, device_sync(next(model.parameters()).device))
-    with timer("prefill"):
-        out = model(**prepared.inputs, use_cache=True, logits_to_keep=1)
-    past, mask = out.past_key_values, prepared.inputs["attention_mask"]
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    with timer("decode_tokens"):
-        for _ in range(decode_tokens):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    with prepared.apply():  # FastV drops tokens inside the prefill (its choice is timed as part of it)
+        with timer("prefill"):
+            out = model(**prepared.inputs, use_cache=True, logits_to_keep=1)
+        past, mask = out.past_key_values, prepared.inputs["attention_mask"]
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        with timer("decode_tokens"):
+            for _ in range(decode_tokens):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     return {"seconds": dict(seconds), "plan": prepared.plan, "prompt_tokens": int(prepared.inputs["input_ids"].shape[1])}
 
 
 def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision) -> dict:
     config = model.config
-    text_tokens = prompt_tokens - plan.visual_tokens_kept - 1
+    in_prompt = sum(plan.vision_budgets) if plan.vision_budgets is not None else plan.visual_tokens_kept  # visual tokens the LLM receives
+    text_tokens = prompt_tokens - in_prompt - 1
+    llm = flops.llm_prefill_flops(config, prompt_tokens)
+    if plan.vision_budgets is not None:  # FastV: layers from K on run on the kept tokens only
+        t = config.text_config
+        llm = flops.fastv_prefill_flops(t, prompt_tokens, prompt_tokens - in_prompt + plan.visual_tokens_kept, plan.layer) + 2 * t.hidden_size * t.vocab_size
     out = {
         "vision": flops.vision_flops(config, plan.frames),
-        "llm": flops.llm_prefill_flops(config, prompt_tokens),
+        "llm": llm,
         "guide": 0,
-        "compress": flops.visionzip_signal_flops(config, plan.frames) if row["method"] == "visionzip" and plan.visual_tokens_kept < plan.visual_tokens_in else 0,
+        "compress": flops.visionzip_signal_flops(config, plan.frames) if row["method"].startswith("visionzip") and in_prompt < plan.visual_tokens_in else 0,
     }
-    if plan.guide_layers is not None:
+    if plan.guide_layers is not None and plan.guide != "inline":  # the inline prior is read inside the prefill: no pass of its own
         gconfig = (guide_model or model).config
         guide_tokens = plan.frames * plan.tokens_per_frame // row["guide_pool"] ** 2
         out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + 1, max(plan.guide_layers))
@@ -289,6 +297,8 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
                     **row,
                     "description": str(method),
                     "guide_layers": plan.guide_layers,
+                    "fastv_layer": plan.layer,
+                    "flops_retention": plan.flops_retention,
                     "visual_tokens_kept": plan.visual_tokens_kept,
                     "visual_tokens_in": plan.visual_tokens_in,
                     "prompt_tokens": prompt_tokens,

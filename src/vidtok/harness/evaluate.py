@@ -34,6 +34,7 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N samples only"})
     seed: int = 0
     guide_pool: int = field(default=1, metadata={"help": "guided runs: the guide sees frames pooled k x k"})
+    layer: int = field(default=2, metadata={"help": "FastV's layer K"})
 
     def __post_init__(self):
         from ..budget import check_retention
@@ -47,6 +48,11 @@ class EvalConfig:
         bad = [m for m in self.methods if m not in METHODS] + [g for g in self.guides if g not in GUIDES]
         if bad:
             raise ValueError(f"unknown methods/guides {bad}; methods: {METHODS}, guides: {GUIDES}")
+        composed = [m for m in self.methods if "+" in m]
+        if composed:
+            raise ValueError(f"eval runs single compressors; {composed[0]} (a composition) runs through `vidtok run` and the API")
+        if "inline" in self.guides and "fastv" not in self.methods:
+            raise ValueError("the inline guide reads the main model's attention before FastV drops tokens: add fastv to the methods")
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -65,6 +71,8 @@ def configurations(config: EvalConfig) -> list[tuple[str, str, float, int]]:
         if method == "full":
             continue
         for guide in config.guides:
+            if guide == "inline" and method != "fastv":  # the inline prior exists only inside FastV's prefill
+                continue
             for retention in config.retentions:
                 runs.append((method, guide, retention, 1 if guide == "none" else config.guide_pool))
     return runs
@@ -256,7 +264,7 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     from ..models import adapter_for
     from ..pipeline import generate
     from ..testbed.synth import read_split
-    from ..testbed.toy import calibrated_layers
+    from ..testbed.toy import default_guide_layers
 
     records = read_split(config.split)[: config.limit]
     if not records:
@@ -273,9 +281,12 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     methods, states = {}, {}
     for run in runs:
         method, guide, retention, pool = run
-        guide_model = model if guide == "self" else assistant
-        layers = config.layers if config.layers is not None else (calibrated_layers(guide_model) if guide != "none" else None)
-        methods[run] = build_method(method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed, guide_pool=pool)
+        guide_model = assistant if guide == "assistant" else model
+        layers = config.layers if config.layers is not None else default_guide_layers(guide, model, assistant, config.layer)
+        methods[run] = build_method(method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed,
+                                    guide_pool=pool, layer=config.layer)
+        if guide == "inline" and layers is None:
+            layers = range(config.layer)  # every layer below FastV's
         resolved = parse_layers(layers, adapter_for(guide_model).num_layers) if guide != "none" else None
         identity = run_identity(run, methods[run], config, split_sha256, model_id, tokenizer_id, assistant_id, resolved)
         states[run] = _Run(root / run_name(*run), identity)

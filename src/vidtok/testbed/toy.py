@@ -140,6 +140,18 @@ def load_default():
     return build_toy_model("main", seed=0), build_tokenizer(), None, RANDOM_NOTE
 
 
+def default_guide_layers(guide: str, model, assistant, fastv_layer: int = 2):
+    """Guide layers when none are given: the calibrated ones of the guide model ("self": the main
+    model, "assistant"); for the inline prior, the main model's calibrated layers below FastV's
+    layer, else None (every layer below it); None for static budgets."""
+    if guide == "none":
+        return None
+    layers = calibrated_layers(assistant if guide == "assistant" else model)
+    if guide == "inline" and layers is not None and max(layers) >= fastv_layer:
+        return None
+    return layers
+
+
 def calibrated_layers(model):
     """Guide layers stored beside a model's config by `vidtok calibrate`, or None."""
     import json
