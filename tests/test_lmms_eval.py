@@ -163,7 +163,23 @@ def test_guided_run_reports_dytok_plans(tmp_path):
         assert plan["budgets"][needle] == max(plan["budgets"])
 
 
+def test_fastv_with_the_inline_prior_runs_inside_lmms_eval(tmp_path):
+    assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
+    out = tmp_path / "fastv"
+    done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], f"pretrained={MAIN},method=fastv,guide=inline,retention=0.125,frames=16,layer=2", out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    plans = _plans(out)
+    assert len(plans) == 8
+    for plan in plans:
+        assert plan["guide"] == "inline" and plan["layer"] == 2 and plan["guide_layers"] == [1]
+        assert sum(plan["budgets"]) == plan["total_budget"] == plan["visual_tokens_kept"] == 32
+
+
 BAD = [
+    ("method=visionzip,guide=inline", "use method=fastv"),
+    ("method=visionzip+fastv", "needs vision_retention"),
+    ("method=fastv,vision_retention=0.5", "takes no vision_retention"),
+    ("method=fastv,layer=0", "layer=0 must be a positive integer"),
     ("retention=2", "retention=2"),
     ("methd=visionzip", "unknown key(s) ['methd']"),
     ("method=fastvv", "method='fastvv' is unknown"),

@@ -38,11 +38,13 @@ class ModelArgs:
 
     pretrained: str = field(default="toy", metadata={"help": "main model folder (config + safetensors + tokenizer), or a shipped toy name"})
     method: str = field(default="visionzip", metadata={"help": f"base compressor: {', '.join(METHODS)}"})
-    guide: str | None = field(default=None, metadata={"help": "none | self | assistant (default: assistant when given, else self; none for full)"})
+    guide: str | None = field(default=None, metadata={"help": "none | self | assistant | inline (fastv only) (default: assistant when given, else self; none for full)"})
     assistant: str | None = field(default=None, metadata={"help": "assistant model folder for guide=assistant"})
     retention: float | None = field(default=None, metadata={"help": "kept share of visual tokens in (0, 1] (default 0.25; full: 1)"})
     frames: int = field(default=32, metadata={"help": "frames sampled uniformly per video"})
     layers: str | None = field(default=None, metadata={"help": "guide layers 'A-B' or 'A;B;C' (default: calibrated, else the last third)"})
+    layer: int = field(default=2, metadata={"help": "FastV's layer: dropped tokens are gone from this LLM layer on"})
+    vision_retention: float | None = field(default=None, metadata={"help": "ENCODER+fastv: the encoder's share (retention: the share from layer on)"})
     cap: int | None = field(default=None, metadata={"help": "max tokens per frame"})
     floor: int = field(default=0, metadata={"help": "min tokens per frame"})
     seed: int = field(default=0, metadata={"help": "seed of method=random"})
@@ -86,6 +88,10 @@ class ModelArgs:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{name}={value!r} must be a non-negative integer")
         need(self.cap is None or (isinstance(self.cap, int) and self.cap >= 1), f"cap={self.cap!r} must be a positive integer")
+        need(isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 1, f"layer={self.layer!r} must be a positive integer (FastV's layer)")
+        need(self.guide != "inline" or "fastv" in self.method, "guide=inline reads the main model's attention before FastV drops tokens: use method=fastv")
+        need(("+" in self.method) == (self.vision_retention is not None),
+             f"method={self.method} " + ("needs vision_retention=<the encoder's share>" if "+" in self.method else "takes no vision_retention= (only ENCODER+fastv does)"))
         need(self.dtype in ("float32", "bfloat16", "float16"), f"dtype={self.dtype!r}; use float32, bfloat16 or float16")
         if self.guide == "assistant":
             need(self.assistant is not None, "guide=assistant needs assistant=<checkpoint folder> (an assistant of the same family)")
@@ -142,7 +148,7 @@ class VidtokLMM(_base()):
         import torch
 
         from ..compressors import build_method
-        from ..testbed.toy import calibrated_layers
+        from ..testbed.toy import default_guide_layers
 
         self.args = args = ModelArgs.parse(model_args)
         self._device = _pick_device(args.device)
@@ -156,10 +162,10 @@ class VidtokLMM(_base()):
             if assistant_tokenizer.get_vocab() != self.tokenizer.get_vocab():
                 raise ModelArgsError(f"assistant {args.assistant!r} has another tokenizer than {args.pretrained!r}; use an assistant of the same family")
             assistant = assistant.to(self._device, dtype).eval()
-        guide_model = self.model if guide == "self" else assistant
-        layers = args.layer_spec if args.layer_spec is not None else (calibrated_layers(guide_model) if guide != "none" else None)
+        layers = args.layer_spec if args.layer_spec is not None else default_guide_layers(guide, self.model, assistant, args.layer)
         try:
-            self.method = build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool)
+            self.method = build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool,
+                                       layer=args.layer, vision_retention=args.vision_retention)
         except (TypeError, ValueError) as error:
             raise ModelArgsError(str(error)) from None
         self.guide = guide
