@@ -338,3 +338,14 @@ def test_bench_measures_fastv_rows(tmp_path):
     assert inline["prefill_flops"]["guide"] == 0 < assistant["prefill_flops"]["guide"]  # the inline prior costs no pass
     assert static["prefill_flops"]["llm"] < inline["prefill_flops"]["llm"] < full["prefill_flops"]["llm"]  # K=1 saves more than K=2
     assert all(r["llm_side_speedup"] > 0 for r in rows)
+
+
+def test_a_cache_that_places_tokens_by_position_is_refused(model, tokenizer, pixels):
+    from transformers import StaticCache
+
+    before = snapshot(model)
+    prepared = prepare(model, tokenizer, pixels, Q, FastV(0.25, layer=1))
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=256)
+    with pytest.raises(RuntimeError, match="needs transformers' DynamicCache"), torch.no_grad(), prepared.apply():
+        model(**prepared.inputs, cache=cache, use_cache=True)
+    assert_unchanged(model, before)

@@ -119,6 +119,9 @@ def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: in
     def first(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and type(cache).__name__ != "DynamicCache":
+            # a static or quantised cache places tokens by position: it cannot hold a shorter sequence per layer
+            raise RuntimeError(f"FastV needs transformers' DynamicCache (generate's default), got {type(cache).__name__}")
         if cache is None or cache.get_seq_length(start) == 0:  # a prefill
             if hidden.shape[1] != prompt_length:
                 raise RuntimeError(
