@@ -195,3 +195,41 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path):
         assert [(r["prediction"], r["budgets"], r["needle_kept"]) for r in sorted(rows, key=lambda r: r["index"])] == [
             (r["prediction"], r["budgets"], r["needle_kept"]) for r in ref
         ]
+
+
+def test_results_json_always_agrees_with_the_predictions(toy, split, tmp_path, monkeypatch):
+    """A run stopped (kill, full disk) after a retried sample was appended but before results.json
+    was rewritten: the next plain run must not report the old results.json."""
+    import errno
+
+    import vidtok.harness.evaluate as ev
+
+    video = split / "videos" / "00001.mp4"
+    original = video.read_bytes()
+    video.write_bytes(b"not a video")
+    out = tmp_path / "eval"
+    assert [(s["samples"], s["failed"]) for s in evaluate(_config(split, out, limit=3), *toy, progress=False)] == [(2, 1), (2, 1)]
+    video.write_bytes(original)
+    real = ev.atomic_write_json
+
+    def full_disk(path, data):
+        if str(path).endswith("results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ev, "atomic_write_json", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        evaluate(_config(split, out, limit=3), *toy, progress=False)
+    monkeypatch.setattr(ev, "atomic_write_json", real)
+    assert len(_rows(out / "visionzip-none-r0.125")) == 4  # the retry is in predictions.jsonl, results.json is old
+    notes = []
+    again = evaluate(_config(split, out, limit=3), *toy, progress=False, log=notes.append)
+    assert [(s["samples"], s["failed"]) for s in again] == [(3, 0), (3, 0)]
+    for name in ("full-none-r1", "visionzip-none-r0.125"):
+        stored = json.loads((out / name / "results.json").read_text())
+        assert (stored["samples"], stored["failed"]) == (3, 0)
+    assert any("did not match" in n for n in notes)
+    # a run with nothing new leaves results.json exactly as it is
+    before = (out / "full-none-r1" / "results.json").read_bytes()
+    assert _numbers(evaluate(_config(split, out, limit=3), *toy, progress=False)) == _numbers(again)
+    assert (out / "full-none-r1" / "results.json").read_bytes() == before

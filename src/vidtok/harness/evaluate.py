@@ -314,20 +314,34 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
 
         summaries = []
         for run, state in states.items():
+            # Always rebuilt from predictions.jsonl (cheap): a run stopped between appending a
+            # sample and rewriting results.json (kill, full disk) leaves an old results.json behind,
+            # and "nothing changed this run" does not mean it agrees with the predictions.
+            summary = json.loads(json.dumps(_summarise(run, methods[run], state, len(records), config)))  # as stored: lists, not tuples
             results = state.folder / "results.json"
-            summary = None
-            if not state.changed and results.is_file():
+            stored = None
+            if results.is_file():
                 try:
-                    summary = json.loads(results.read_text())
+                    stored = json.loads(results.read_text())
                 except ValueError as error:
                     log(f"{results} is damaged ({error}); rebuilt from predictions.jsonl")
-            if summary is None or summary.get("identity") != state.identity:
-                summary = _summarise(run, methods[run], state, len(records), config)
+            if isinstance(stored, dict) and _same_numbers(stored, summary):
+                summary = stored  # unchanged: kept as written (its finish time included)
+            else:
+                if isinstance(stored, dict) and not state.changed:
+                    log(f"{results} did not match predictions.jsonl (an earlier run stopped before rewriting it); rebuilt from it")
                 atomic_write_json(results, summary)
             summaries.append(summary)
         atomic_write_json(root / "summary.json", [{k: v for k, v in s.items() if k not in ("config", "identity")} for s in summaries])
         plot_accuracy(summaries, root / "accuracy.png")
     return summaries
+
+
+def _same_numbers(stored: dict, summary: dict) -> bool:
+    """Whether a stored results.json says what the predictions say (its time and the command's
+    config aside: neither changes a number)."""
+    volatile = ("finished", "config")
+    return {k: v for k, v in stored.items() if k not in volatile} == {k: v for k, v in summary.items() if k not in volatile}
 
 
 def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, generate) -> None:
