@@ -233,3 +233,34 @@ def test_results_json_always_agrees_with_the_predictions(toy, split, tmp_path, m
     before = (out / "full-none-r1" / "results.json").read_bytes()
     assert _numbers(evaluate(_config(split, out, limit=3), *toy, progress=False)) == _numbers(again)
     assert (out / "full-none-r1" / "results.json").read_bytes() == before
+
+
+def test_a_record_with_half_a_needle_label_is_a_failed_sample(toy, split, tmp_path, capsys):
+    records = [json.loads(line) for line in (split / "questions.jsonl").read_text().splitlines()]
+    del records[1]["needle_token"]
+    (split / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    from vidtok.cli import main
+
+    args = ["eval", str(split), "--methods", "visionzip", "--guides", "none", "--retentions", "0.125", "--limit", "3", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0 and main(args) == 0  # and again: the failure is retried, never an internal error
+    assert "1 sample(s) failed" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "visionzip-none-r0.125" / "results.json").read_text())
+    assert summary["samples"] == 2 and "needle_frame but no needle_token" in summary["failures"][0]["reason"]
+
+
+@pytest.mark.parametrize("line", ["{}", '{"index": "1"}', '{"index": 1}', "[1]"])
+def test_a_prediction_line_that_is_not_a_prediction_is_named_and_recomputed(toy, split, tmp_path, line):
+    reference = evaluate(_config(split, tmp_path / "ref", limit=3), *toy, progress=False)
+    out = tmp_path / "eval"
+    evaluate(_config(split, out, limit=3), *toy, progress=False)
+    predictions = out / "visionzip-none-r0.125" / "predictions.jsonl"
+    lines = predictions.read_text().splitlines(keepends=True)
+    predictions.write_text(lines[0] + line + "\n" + lines[2])
+    notes = []
+    resumed = evaluate(_config(split, out, limit=3), *toy, progress=False, log=notes.append)
+    assert any(f"{predictions} line 2 is damaged" in n for n in notes), notes
+    assert _numbers(resumed) == _numbers(reference)
+    assert sorted(r["index"] for r in _rows(out / "visionzip-none-r0.125")) == [0, 1, 2]
+    notes.clear()
+    evaluate(_config(split, out, limit=3), *toy, progress=False, log=notes.append)
+    assert not notes  # the damaged line was cut out of the file, not just skipped

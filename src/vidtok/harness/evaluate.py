@@ -159,6 +159,9 @@ def _differences(stored: dict, current: dict) -> str:
 
 def _record_problem(record: dict, frames: int, tokens_per_frame: int) -> str | None:
     """Why a record cannot be scored against this video, or None."""
+    if ("needle_frame" in record) != ("needle_token" in record):  # needle survival needs both
+        have, lack = ("needle_frame", "needle_token") if "needle_frame" in record else ("needle_token", "needle_frame")
+        return f"the record has {have} but no {lack}; give both (or neither)"
     for key, size, what in (("needle_frame", frames, "frames"), ("needle_token", tokens_per_frame, "tokens per frame")):
         if key in record:
             value = record[key]
@@ -166,6 +169,23 @@ def _record_problem(record: dict, frames: int, tokens_per_frame: int) -> str | N
                 return f"{key} {value!r} is outside the video's {size} {what}"
     if not isinstance(record.get("answer"), str):
         return f"answer {record.get('answer')!r} is not a string"
+    return None
+
+
+# What the summary reads from a scored line; a line lacking one (hand-edited, another tool's) is
+# treated as damaged and its sample recomputed, instead of a KeyError on every later run.
+_SCORED = ("correct", "needle_kept", "kept_tokens", "seconds")
+
+
+def _row_problem(row: dict) -> str | None:
+    """Why a predictions.jsonl object is not a usable sample line, or None."""
+    index = row.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        return f"no sample index, got {index!r}"
+    if "failed" not in row:
+        missing = [k for k in _SCORED if k not in row]
+        if missing:
+            return f"sample {index} lacks {', '.join(missing)}"
     return None
 
 
@@ -201,7 +221,7 @@ class _Run:
                 (self.folder / name).unlink(missing_ok=True)
         if not (self.folder / "identity.json").is_file():
             atomic_write_json(self.folder / "identity.json", self.identity)
-        rows, problems = self.log.read()
+        rows, problems = self.log.read(check=_row_problem)
         for problem in problems:
             log(problem)
         for row in rows:  # the last line of a sample wins: a failure retried later is replaced

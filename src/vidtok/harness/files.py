@@ -85,8 +85,11 @@ class JsonlLog:
         self.path = Path(path)
         self._file = None
 
-    def read(self) -> tuple[list[dict], list[str]]:
-        """(records, problems found) ; repairs the file so that appending continues cleanly."""
+    def read(self, check=None) -> tuple[list[dict], list[str]]:
+        """(records, problems found) ; repairs the file so that appending continues cleanly.
+
+        `check(record)`: why a JSON object is still not a usable record, or None; such a line
+        counts as damaged like one that is not JSON."""
         if not self.path.is_file():
             return [], []
         data = self.path.read_bytes()
@@ -96,11 +99,12 @@ class JsonlLog:
         for n, line in enumerate(complete, start=1):
             try:
                 record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("not a JSON object")
+                why = "not a JSON object" if not isinstance(record, dict) else check(record) if check else None
             except ValueError:
+                why = "not a JSON object"
+            if why:
                 if line.strip():
-                    problems.append(f"{self.path} line {n} is damaged (not a JSON object); dropped, its sample is recomputed")
+                    problems.append(f"{self.path} line {n} is damaged ({why}); dropped, its sample is recomputed")
                 continue
             records.append(record)
             good.append(line)
