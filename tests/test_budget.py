@@ -144,3 +144,15 @@ def test_per_frame_caps_are_checked():
         allocate_budgets([1, 1, 1], 10, [5, 5, 5, 5])
     with pytest.raises(ValueError, match="exceeds 2 frames with their per-frame caps = 7"):
         allocate_budgets([1, 1], 8, [3, 4])
+
+
+def test_weights_beyond_float_range_are_split_by_their_ratios():
+    """Python ints (and Fractions) may exceed a float; only the ratios of the weights matter."""
+    from fractions import Fraction
+
+    assert allocate_budgets([10**400, 1], 3, 4) == [3, 0]
+    assert allocate_budgets([10**400, 10**400, 0], 4, 4) == [2, 2, 0]
+    assert allocate_budgets([10**400, 3 * 10**400], 4, 4) == [1, 3]
+    assert allocate_budgets([Fraction(10**400, 3), 10**399], 5, 4) == allocate_budgets([10, 3], 5, 4)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        allocate_budgets([-(10**400), 1], 3, 4)

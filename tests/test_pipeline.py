@@ -113,7 +113,7 @@ def test_model_unchanged_after_a_call_that_raised(model, tokenizer, pixels, monk
     # raise inside the guide pass, while the capture implementation is switched on
     with pytest.raises(ValueError):
         prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), layers=[7]))
-    monkeypatch.setattr(vidtok.models.llava_onevision, "last_token_attention", boom)
+    monkeypatch.setattr(vidtok.importance, "last_token_attention", boom)
     with pytest.raises(RuntimeError, match="boom"):
         prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25)))
     monkeypatch.setattr(vz, "visionzip_frame", boom)

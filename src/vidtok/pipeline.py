@@ -35,8 +35,8 @@ class Plan:
     method: str
     guide: str | None
     retention: float
-    frames: int
-    tokens_per_frame: int
+    frames: int  # units: frames, or temporal groups (see `unit`)
+    tokens_per_frame: int  # tokens per unit
     total_budget: int
     budgets: list[int] | None
     frame_weights: list[float] | None
@@ -49,6 +49,7 @@ class Plan:
     flops_retention: float | None = None  # the retention a vision-side method needs for the same LLM prefill FLOPs
     vision_retention: float | None = None  # share of visual tokens the LLM receives (before layer K)
     vision_budgets: list[int] | None = None  # per-frame tokens the LLM receives, when FastV drops more inside it
+    unit: str = "frame"  # the unit of importance and budget: "frame" or "temporal_group" (Qwen-VL: 2 frames)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +132,7 @@ class _FastVStage:
 
     def __init__(self, adapter, fastv, input_ids, lengths, encoder_kept, total, budgets, dytok, inline_layers, plan):
         self.adapter, self.fastv, self.plan = adapter, fastv, plan
+        self.per_unit = plan.tokens_per_frame
         self.lengths, self.encoder_kept, self.total, self.budgets = lengths, encoder_kept, total, budgets
         self.dytok, self.inline_layers = dytok, inline_layers
         self.prompt_length = input_ids.shape[1]
@@ -159,7 +161,7 @@ class _FastVStage:
         budgets = self.budgets
         if self.inline_layers is not None:
             weights = frame_weights(torch.stack([self.captured.pop(layer) for layer in self.inline_layers]), self.lengths)
-            budgets = self.dytok.budgets(weights.tolist(), self.total, self.adapter.tokens_per_frame, available=self.lengths)
+            budgets = self.dytok.budgets(weights.tolist(), self.total, self.per_unit, available=self.lengths)
             self.plan.frame_weights = [float(w) for w in weights]
         kept = fastv_keep(scores, self.lengths, self.total, budgets)
         self.plan.budgets = [len(k) for k in kept]
@@ -218,15 +220,15 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         shared = dytok.share_vision and _same_tower(dytok, main, guide)
         with timer("guide_vision"):
             # ...computed once when both models have the same tower
-            encoded = guide.project(encoded.vision_hidden) if shared else guide.encode_video(pixels)
+            encoded = guide.project(encoded.vision_hidden, encoded) if shared else guide.encode_video(pixels)
     with timer("guide"):
         features = encoded.features
         if dytok.guide_pool > 1:
             features = guide.pool_frames(features, dytok.guide_pool)
-        ids = guide.input_ids(tokenizer, question, frames * features.shape[1] + 1)
+        ids = guide.input_ids(tokenizer, question, frames * features.shape[1] + encoded.newline.shape[0])
         _check_length(guide, ids, "guide")
         embeds = torch.cat([features.flatten(0, 1), encoded.newline])
-        return frame_weights(guide.token_attention(ids, embeds, layers), frames)
+        return frame_weights(guide.token_attention(ids, embeds, layers, encoded), frames)
 
 
 def _check_question(tokenizer, question: str) -> None:
@@ -257,12 +259,13 @@ def _check_length(adapter, input_ids: torch.Tensor, who: str) -> None:
 
 
 @torch.no_grad()
-def prepare(model, tokenizer, video, question: str, method=None, *, frames: int | None = None) -> Prepared:
+def prepare(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, fps: float | None = None) -> Prepared:
     """Encode, (guide,) compress and build the model inputs for one video and question.
 
-    `method`: None or Full() for no compression, a base compressor (same budget every frame),
-    or DyToK(base, ...). Returns the inputs for model(**inputs) / model.generate(**inputs).
-    The model is left exactly as it was, also when this raises.
+    `method`: None or Full() for no compression, a base compressor (same budget every unit),
+    or DyToK(base, ...). `frames` (a fixed count) or `fps` (per second of video) choose the
+    frames of a video file. Returns the inputs for model(**inputs) / model.generate(**inputs),
+    inside `with prepared.apply():`. The model is left exactly as it was, also when this raises.
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question must be a non-empty string")
@@ -273,8 +276,8 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     seconds: dict[str, float] = {}
     timer = _Timer(seconds, device_sync(adapter.device))
     with timer("decode"):
-        pixels = adapter.pixels(video, frames)
-    num_frames, per_frame = pixels.shape[0], adapter.tokens_per_frame
+        pixels = adapter.pixels(video, frames, fps)
+    num_frames, per_frame = adapter.video_shape(pixels)
     retention = dytok.retention if dytok else base.retention
     if fastv is None:
         vision_budget = total_budget(retention, num_frames, per_frame)
@@ -311,7 +314,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         video_embeds = torch.cat([tokens, newline])
         input_ids = adapter.input_ids(tokenizer, question, video_embeds.shape[0])
         _check_length(adapter, input_ids, "model")
-        inputs = adapter.model_inputs(input_ids, video_embeds)
+        inputs = adapter.model_inputs(input_ids, video_embeds, encoded, kept)
 
     plan = Plan(
         method=base.label,
@@ -329,6 +332,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         seconds=seconds,
         vision_retention=vision_budget / (num_frames * per_frame),
         flops_retention=vision_budget / (num_frames * per_frame),
+        unit=adapter.unit,
     )
     apply = nullcontext
     if fastv is not None:
@@ -336,7 +340,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         if dropping:
             lengths = [len(k) for k in kept]
             text_config = adapter.model.config.get_text_config()
-            text_tokens = input_ids.shape[1] - vision_budget  # the newline and the prompt's text are never dropped
+            text_tokens = input_ids.shape[1] - vision_budget  # the trailing tokens and the prompt's text are never dropped
             cost = flops.fastv_prefill_flops(text_config, input_ids.shape[1], text_tokens + llm_budget, fastv.layer)
             plan.flops_retention = flops.equal_flops_retention(text_config, text_tokens, num_frames * per_frame, cost)
             plan.vision_budgets = vision_budgets
@@ -350,12 +354,13 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, **generate_kwargs) -> Result:
+def generate(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, fps: float | None = None,
+             **generate_kwargs) -> Result:
     """Answer `question` about `video` with `method` (see `prepare`); `generate_kwargs` go to model.generate.
 
     Batch size 1: one video, one question.
     """
-    prepared = prepare(model, tokenizer, video, question, method, frames=frames)
+    prepared = prepare(model, tokenizer, video, question, method, frames=frames, fps=fps)
     generate_kwargs.setdefault("max_new_tokens", 32)
     prompt_length = prepared.inputs["input_ids"].shape[1]
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -380,8 +385,9 @@ def fastv_retention_for_flops(model, tokenizer, question: str, video, layer: int
     FastV(retention=1.0, layer=layer).check_layer(adapter.num_layers)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise ValueError(f"a FLOPs share must be in (0, 1], got {share!r}")
-    visual = adapter.pixels(video, frames).shape[0] * adapter.tokens_per_frame
-    prompt = adapter.input_ids(tokenizer, question, visual + 1).shape[1]
+    units, per_unit = adapter.video_shape(adapter.pixels(video, frames))
+    visual = units * per_unit
+    prompt = adapter.input_ids(tokenizer, question, visual + adapter.trailing_tokens).shape[1]
     keep = flops.fastv_keep_for_flops(adapter.model.config.get_text_config(), prompt - visual, visual, layer, share)
     if keep < 1:
         raise ValueError(f"a FLOPs share of {share:g} leaves FastV no visual token at layer {layer}; raise the share or use an earlier --layer")

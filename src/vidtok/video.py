@@ -27,6 +27,44 @@ def sample_indices(total: int, frames: int) -> list[int]:
     return np.linspace(0, total - 1, frames).round().astype(int).tolist()
 
 
+def _stream_info(path: str) -> tuple[int, float]:
+    """(frame count from the header, frames per second) of the first video stream."""
+    import av
+
+    if not os.path.isfile(path):
+        raise VideoError(f"no video file at {path!r}")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path!r} has no video stream")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.base_rate or 0)
+            return int(stream.frames), rate
+    except av.error.FFmpegError as error:
+        raise VideoError(f"cannot read video {path!r}: {error}; check the file is a video FFmpeg can decode") from None
+
+
+def read_clip(path: str | os.PathLike, frames: int | None = None, fps: float | None = None, default: int = 32) -> tuple[np.ndarray, float]:
+    """Frames sampled uniformly, either a fixed count or `fps` per second of video (at least 1, at
+    most every frame), and the seconds between two sampled frames (0.5, 2 fps, when the file
+    states no frame rate): uint8 [F, H, W, 3], seconds."""
+    path = os.fspath(path)
+    total, rate = _stream_info(path)
+    if fps is not None:
+        if frames is not None:
+            raise VideoError("give either frames (a fixed count) or fps (frames per second of video), not both")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0 or not np.isfinite(fps):
+            raise VideoError(f"fps must be a positive number, got {fps!r}")
+        if not rate or not total:
+            raise VideoError(f"{path!r} states no frame rate or frame count: sample a fixed number of frames instead of fps")
+        frames = int(min(total, max(1, round(total / rate * fps))))
+    count = default if frames is None else frames
+    decoded = read_frames(path, count)
+    indices = sample_indices(total, count) if total >= count else list(range(count))
+    spacing = (indices[-1] - indices[0]) / (count - 1) / rate if count > 1 and rate else (1 / rate if rate else 0.5)
+    return decoded, spacing
+
+
 def read_frames(path: str | os.PathLike, frames: int) -> np.ndarray:
     """Decode `frames` uniformly sampled RGB frames: uint8 [F, H, W, 3]."""
     import av
@@ -75,12 +113,19 @@ def preprocess(frames: np.ndarray | torch.Tensor, size: int, mean: Sequence[floa
     return (pixels - mean_t) / std_t
 
 
-def load_pixels(video, frames: int | None, size: int, mean, std) -> torch.Tensor:
-    """A path, uint8 frames [F, H, W, 3] or pixel values [F, 3, S, S] -> pixel values."""
+def check_frames(frames) -> None:
     if frames is not None and (isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1):
         raise VideoError(f"frames must be a whole number >= 1 (or None for the default), got {frames!r}")
+
+
+def load_pixels(video, frames: int | None, size: int, mean, std, fps: float | None = None) -> torch.Tensor:
+    """A path, uint8 frames [F, H, W, 3] or pixel values [F, 3, S, S] -> pixel values."""
+    check_frames(frames)
     if isinstance(video, (str, os.PathLike)):
-        video = read_frames(video, 32 if frames is None else frames)
+        video, _ = read_clip(video, frames, fps)
+        frames = None if fps is not None else frames
+    elif fps is not None:
+        raise VideoError("fps sampling needs a video file; for frames or pixel values already sampled, drop fps")
     if isinstance(video, torch.Tensor) and video.is_floating_point():
         if video.ndim != 4 or tuple(video.shape[1:]) != (3, size, size):
             raise VideoError(f"pixel values must be [F, 3, {size}, {size}] for this model, got {tuple(video.shape)}")

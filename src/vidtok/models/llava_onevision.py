@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
 
 import torch
 
-from .._seam import StopForward, observe_attention
+from .._seam import observe_attention
 from ..compressors.base import FrameSignals
-from ..importance import last_token_attention
 from ..video import load_pixels
-
-
-@dataclass
-class EncodedVideo:
-    features: torch.Tensor  # [F, T, D] pooled, projected frame tokens
-    newline: torch.Tensor  # [1, D] the one token after the whole video
-    signals: FrameSignals | None
-    vision_hidden: torch.Tensor  # [F, N, hv] the vision tower's selected layer, before the projector
+from .base import EncodedVideo, VideoAdapter, capture_last_token_attention
 
 # Fallback when a tokenizer has no chat template: the LLaVA-OV (Qwen2) format.
 DEFAULT_TEMPLATE = "<|im_start|>user <video>\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -51,8 +42,13 @@ def _read_normalisation(folder, mean, std):
     return mean, std
 
 
-class LlavaOnevisionAdapter:
+class LlavaOnevisionAdapter(VideoAdapter):
+    """Units are frames of ceil(g/2)^2 pooled tokens; the one image_newline after the video is kept
+    uncompressed; positions are the plain 1-D ones the model computes itself."""
+
     model_type = "llava_onevision"
+    unit = "frame"
+    trailing_tokens = 1
 
     def __init__(self, model):
         from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
@@ -90,9 +86,12 @@ class LlavaOnevisionAdapter:
             "vocab_size": config.text_config.vocab_size,
         }
 
-    def pixels(self, video, frames: int | None = None) -> torch.Tensor:
+    def pixels(self, video, frames: int | None = None, fps: float | None = None) -> torch.Tensor:
         """A path, uint8 frames or pixel values -> pixel values [F, 3, S, S] for this model."""
-        return load_pixels(video, frames, self.image_size, self.image_mean, self.image_std)
+        return load_pixels(video, frames, self.image_size, self.image_mean, self.image_std, fps=fps)
+
+    def video_shape(self, pixels) -> tuple[int, int]:
+        return pixels.shape[0], self.tokens_per_frame
 
     @property
     def device(self):
@@ -153,7 +152,7 @@ class LlavaOnevisionAdapter:
         pixel_values = pixel_values.to(self.device, self.dtype)[None]
         observed = {}
 
-        def observe(module, query, key, scaling):
+        def observe(module, query, key, scaling, **_):
             received = []
             for f in range(query.shape[0]):  # one frame at a time: [H, N, N] at most
                 probs = (query[f].float() @ key[f].float().transpose(-1, -2) * scaling).softmax(-1)
@@ -182,7 +181,7 @@ class LlavaOnevisionAdapter:
             vision_hidden=hidden,
         )
 
-    def project(self, vision_hidden: torch.Tensor) -> EncodedVideo:
+    def project(self, vision_hidden: torch.Tensor, like: EncodedVideo | None = None) -> EncodedVideo:
         """Another model's selected vision hidden states [F, N, hv] through this model's projector
         and pooling: what encode_video gives when the two share a vision tower."""
         features = self.inner.apply_pooling(self.inner.multi_modal_projector(vision_hidden.to(self.device, self.dtype)))
@@ -209,8 +208,9 @@ class LlavaOnevisionAdapter:
 
     # LLM -----------------------------------------------------------------------------------
 
-    def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor) -> dict:
-        """Keyword arguments for model(...) / model.generate(...): video_embeds [N, D] fill the N placeholders."""
+    def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, encoded=None, kept=None) -> dict:
+        """Keyword arguments for model(...) / model.generate(...): video_embeds [N, D] fill the N placeholders.
+        (Positions are 1-D and the model's own: a compressed prompt is a shorter prompt.)"""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         placeholders = int((input_ids == self.video_token_id).sum())
@@ -227,32 +227,11 @@ class LlavaOnevisionAdapter:
         """The LLM's decoder layers, in order; layer i's attention module is `.self_attn`."""
         return self.inner.language_model.layers
 
-    def token_attention(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    def token_attention(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, layers: list[int], encoded=None) -> torch.Tensor:
         """Last-token attention to the frame tokens at `layers`: [len(layers), F*T].
 
         Runs the LLM only up to the attention of the deepest chosen layer (no later layers,
         no LM head, no KV cache), with sdpa everywhere.
         """
-        visual = self.visual_positions(input_ids)
-        decoder_layers = self.decoder_layers
-        deepest = max(layers)
-        captured: dict[int, torch.Tensor] = {}
-
-        def observer(layer):
-            def observe(module, query, key, scaling):
-                captured[layer] = last_token_attention(query, key, visual.to(query.device), scaling)[0]
-                if layer == deepest:
-                    raise StopForward
-
-            return observe
-
-        observers = {decoder_layers[layer].self_attn: observer(layer) for layer in layers}
-        with observe_attention(self.model, ["text_config"], observers):
-            try:
-                self.inner(**self.model_inputs(input_ids, video_embeds), use_cache=False)
-            except StopForward:
-                pass
-        missing = [layer for layer in layers if layer not in captured]
-        if missing:
-            raise RuntimeError(f"guide layers {missing} were never run: the guide's attention could not be captured")
-        return torch.stack([captured[layer] for layer in layers])
+        inputs = self.model_inputs(input_ids, video_embeds)
+        return capture_last_token_attention(self, input_ids, layers, lambda: self.inner(**inputs, use_cache=False))

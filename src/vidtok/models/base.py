@@ -1,0 +1,132 @@
+"""The adapter contract: what vidtok needs from a model family, and nothing more.
+
+The pipeline talks to every family through these methods and never branches on one. A video is
+cut into *units*, the unit of importance and budget: a frame for LLaVA-OneVision, a temporal
+group of `temporal_patch_size` frames for the Qwen-VL line, whose encoder merges them into one
+set of tokens. Every unit of one video has the same number of tokens (`video_shape`), which may
+depend on the video's resolution.
+
+    pixels(video, frames, fps)    a path, uint8 frames or the family's own pixel input -> pixel input
+    video_shape(pixels)           -> (units, tokens per unit)
+    encode_video(pixels, signals) -> EncodedVideo: unit tokens [U, T, D] as the LLM sees them, the
+                                     tokens that follow the video (LLaVA's newline; none for Qwen),
+                                     optional vision signals on the same grid (VisionZip)
+    input_ids(tokenizer, q, n)    the chat prompt with the video's placeholders expanded to n
+    visual_positions(input_ids)   prompt positions of the unit tokens, unit-major
+    model_inputs(ids, embeds, encoded, kept)
+                                  keyword arguments for model(...) / model.generate(...): the kept
+                                  tokens' embeddings and, where the family has them, their
+                                  positions from the full layout (kept: per unit, ascending)
+    token_attention(ids, embeds, layers, encoded)
+                                  the last prompt token's attention to the unit tokens at `layers`
+    decoder_layers                the LLM's decoder layers (FastV drops tokens from one of them on)
+    layout()                      what an assistant must share with the main model
+
+Adapters are built per call and hold no state between calls; only they know a model's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..compressors.base import FrameSignals
+
+
+@dataclass
+class EncodedVideo:
+    features: torch.Tensor  # [U, T, D] unit tokens, projected, in the LLM's raster order within a unit
+    newline: torch.Tensor  # [E, D] tokens after the video that are never compressed (E = 0 or 1)
+    signals: FrameSignals | None
+    vision_hidden: torch.Tensor  # what an assistant with an equal vision tower can reuse (see project())
+    meta: dict = field(default_factory=dict)  # family-specific layout (grid, time scale) for positions
+
+
+class VideoAdapter:
+    """Base class of the per-family adapters; subclasses implement every method below."""
+
+    model_type: ClassVar[str] = ""
+    unit: ClassVar[str] = "frame"  # the unit of importance and budget, as the plan names it
+    trailing_tokens: ClassVar[int] = 0  # uncompressed tokens after the video (LLaVA-OV's newline: 1)
+
+    model: Any
+    num_layers: int
+
+    def layout(self) -> dict:
+        raise NotImplementedError
+
+    def pixels(self, video, frames: int | None = None, fps: float | None = None):
+        raise NotImplementedError
+
+    def video_shape(self, pixels) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def encode_video(self, pixels, signals: bool = False) -> EncodedVideo:
+        raise NotImplementedError
+
+    def project(self, vision_hidden, like: EncodedVideo) -> EncodedVideo:
+        """Another model's vision output through this model's own head: what encode_video gives when
+        the two share a vision tower (checked by same_vision_tower)."""
+        raise NotImplementedError
+
+    def same_vision_tower(self, other) -> bool:
+        raise NotImplementedError
+
+    def pool_frames(self, features: torch.Tensor, factor: int) -> torch.Tensor:
+        raise ValueError(f"guide_pool is not supported for {self.model_type}; use guide_pool=1")
+
+    def input_ids(self, tokenizer, question: str, video_tokens: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def model_inputs(self, input_ids, video_embeds, encoded: EncodedVideo | None = None, kept=None) -> dict:
+        raise NotImplementedError
+
+    def token_attention(self, input_ids, video_embeds, layers: list[int], encoded: EncodedVideo | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self):
+        raise NotImplementedError
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+
+def capture_last_token_attention(adapter, input_ids, layers: list[int], forward) -> torch.Tensor:
+    """Run `forward()` (the LLM on the full prompt) with observers on `layers`: the last token's
+    attention to the unit tokens, [len(layers), N]. Stops inside the deepest chosen layer."""
+    from .._seam import StopForward, observe_attention
+    from ..importance import last_token_attention
+
+    visual = adapter.visual_positions(input_ids)
+    deepest = max(layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def observer(layer):
+        def observe(module, query, key, scaling, **_):
+            captured[layer] = last_token_attention(query, key, visual.to(query.device), scaling)[0]
+            if layer == deepest:
+                raise StopForward
+
+        return observe
+
+    observers = {adapter.decoder_layers[layer].self_attn: observer(layer) for layer in layers}
+    with observe_attention(adapter.model, ["text_config"], observers):
+        try:
+            forward()
+        except StopForward:
+            pass
+    missing = [layer for layer in layers if layer not in captured]
+    if missing:
+        raise RuntimeError(f"guide layers {missing} were never run: the guide's attention could not be captured")
+    return torch.stack([captured[layer] for layer in layers])
