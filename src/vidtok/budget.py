@@ -23,6 +23,25 @@ def check_retention(retention: float) -> None:
         raise ValueError(f"retention must be a number in (0, 1], got {retention!r} (1.0 keeps every token)")
 
 
+def _floats(weights) -> list[float]:
+    """Weights as floats. A Python int or Fraction beyond float range (10**400) is finite, and only
+    the ratios matter: divide by the largest exactly, then convert (every ratio is <= 1)."""
+    weights = list(weights)
+    try:
+        return [float(w) for w in weights]
+    except OverflowError:
+        from fractions import Fraction
+
+        try:
+            exact = [Fraction(w) for w in weights]
+        except (TypeError, ValueError):  # NaN or inf beside a huge int, or not a number at all
+            raise ValueError("frame weights must be finite and >= 0 numbers") from None
+        if min(exact) < 0:
+            raise ValueError("frame weights must be finite and >= 0, got a negative one")
+        top = max(exact)
+        return [float(w / top) for w in exact]
+
+
 def allocate_budgets(weights: Sequence[float], total: int, cap: int | Sequence[int], floor: int = 0) -> list[int]:
     """Split `total` tokens across frames in proportion to `weights`, at most `cap` per frame.
 
@@ -35,7 +54,7 @@ def allocate_budgets(weights: Sequence[float], total: int, cap: int | Sequence[i
        descending weight (ties: lower index first).
     Returns one int per frame; their sum is exactly `total`.
     """
-    weights = [float(w) for w in weights]
+    weights = _floats(weights)
     frames = len(weights)
     if frames == 0:
         raise ValueError("no frames to allocate a budget to")

@@ -29,12 +29,23 @@ def layer_frame_weights(model, tokenizer, records) -> list[torch.Tensor]:
     out = []
     for record in records:
         pixels = adapter.pixels(record["video"], record.get("frames"))
+        _check_needle(record, pixels.shape[0])
         encoded = adapter.encode_video(pixels)
         features, newline, _ = encoded.features, encoded.newline, encoded.signals
         ids = adapter.input_ids(tokenizer, record["question"], features.shape[0] * adapter.tokens_per_frame + 1)
         tokens = adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), every)
         out.append(torch.stack([frame_weights(tokens[i : i + 1], features.shape[0]) for i in every]))
     return out
+
+
+def _check_needle(record, frames: int | None) -> None:
+    """A needle_frame the scores can index (`frames`: the video's count, None while unknown):
+    checked per record, naming it; an IndexError deep in the scoring names neither it nor the fix."""
+    target = record.get("needle_frame")
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0 or (frames is not None and target >= frames):
+        name = f"record id {record['id']}" if "id" in record else "a record"
+        where = f"outside its {frames} frames" if frames is not None else "not a frame index"
+        raise ValueError(f"{name} ({record['video']}): needle_frame {target!r} is {where}; fix the record or drop it from the split")
 
 
 def prior_report(weights: list[torch.Tensor], records) -> dict:
@@ -75,6 +86,9 @@ def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> di
 
     if not records or any("needle_frame" not in r for r in records):
         raise ValueError("calibration needs a labelled split: every record with a needle_frame")
+    for record in records:  # before any compute where the record says its frame count
+        frames = record.get("frames")
+        _check_needle(record, frames if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else None)
     weights = layer_frame_weights(model, tokenizer, records)
     layers, scores = best_range(weights, records)
     result = {"guide_layers": layers, "range_scores": scores, "prior": prior_report(weights, records)}
