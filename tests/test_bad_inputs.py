@@ -51,9 +51,12 @@ def broken(tmp_path_factory):
     (split / "questions.jsonl").write_text('{"video": "v.mp4", "question": "q", "answer": "a"}\n{"video": "v.mp4", "quest\n')
     (root / "oksplit").mkdir()
     (root / "oksplit" / "questions.jsonl").write_text('{"video": "v.mp4", "question": "q", "answer": "a"}\n')
+    (root / "intvideo").mkdir()
+    (root / "intvideo" / "questions.jsonl").write_text('{"video": "v.mp4", "question": "q", "answer": "a"}\n{"video": 5, "question": "q", "answer": "a"}\n')
     (root / "needle99").mkdir()
     (root / "needle99" / "questions.jsonl").write_text(f'{{"id": 3, "video": "{SAMPLE}", "question": "q", "answer": "a", "needle_frame": 99, "frames": 16}}\n')
     (root / "bench.json").write_text(json.dumps({"name": "x", "main": {"path": str(root / "missing")}}))
+    (root / "bench-warmup.json").write_text(json.dumps({"name": "x", "main": {"path": str(root / "missing")}, "warmup": -1}))
     return root
 
 
@@ -88,6 +91,11 @@ CLI_CASES = [
     (["synth", "{root}/a-file/s", "--count", "1"], "cannot write"),
     (["calibrate", "{root}/oksplit", "--plot", "{root}/p.xyz"], "cannot write a figure as 'xyz'"),
     (["calibrate", "{root}/needle99", "--dry-run"], "record id 3 (" + SAMPLE + "): needle_frame 99 is outside its 16 frames"),
+    (["eval", "{root}/intvideo", "--out", "{root}/ev"], "questions.jsonl:2: 'video' must be a string"),
+    (["eval", "{root}/oksplit", "--retentions", "abc", "--out", "{root}/ev"], "--retentions: expected comma-separated numbers"),
+    (["bench", "{root}/bench.json", "--warmup", "-1", "--out", "{root}/b"], "--warmup: expected a whole number >= 0"),
+    (["bench", "{root}/bench.json", "--repeats", "0", "--out", "{root}/b"], "--repeats: expected a whole number >= 1"),
+    (["bench", "{root}/bench-warmup.json", "--out", "{root}/b"], "warmup -1 in"),
     (["bench", "{root}/bench.json", "--out", "{root}/a-file/b"], "cannot write"),
     (["bench", "{root}/bench.json", "--out", "{root}/b"], "cannot load the checkpoint"),
 ]
@@ -100,6 +108,37 @@ def test_cli_bad_input_is_one_clear_line(capsys, broken, args, message):
     assert message in err and "Traceback" not in err
     for out in (broken / "ev", broken / "b"):  # refused before anything was written (the checked folder may exist, empty)
         assert not out.exists() or not any(out.iterdir())
+
+
+EARLY_CASES = [  # refused from the arguments alone: no model may load first
+    (["eval", "{root}/oksplit", "--methods", "visionzap"], "unknown methods/guides ['visionzap']"),
+    (["eval", "{root}/oksplit", "--guides", "sef"], "unknown methods/guides ['sef']"),
+    (["eval", "{root}/oksplit", "--retentions", "0.5,2"], "retention must be a number in (0, 1], got 2.0"),
+    (["eval", "{root}/oksplit", "--layers", "1.5"], "cannot read layers '1.5'"),
+    (["eval", "{root}/oksplit", "--layers", "1-2-3"], "cannot read layers '1-2-3'"),
+    (["calibrate", "{root}/needle99", "--model", "{root}/good"], "cannot write to the model folder"),
+]
+
+
+@pytest.mark.parametrize("args, message", EARLY_CASES, ids=[" ".join(a)[:60] for a, _ in EARLY_CASES])
+def test_cli_refuses_bad_arguments_before_loading_a_model(capsys, broken, monkeypatch, args, message):
+    import vidtok.cli
+    import vidtok.harness.files
+
+    def no_load(*_):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    def unwritable(path, what="--out"):
+        if "model folder" in what:
+            raise vidtok.harness.files.OutputError(f"cannot write to {what} {str(path)!r} (Read-only file system); choose a writable folder")
+        return real(path, what)
+
+    real = vidtok.harness.files.writable_dir
+    monkeypatch.setattr(vidtok.cli, "_load", no_load)
+    monkeypatch.setattr(vidtok.harness.files, "writable_dir", unwritable)
+    code, err = _cli(capsys, *[a.format(root=broken) for a in args], "--out", str(broken / "ev")) if args[0] == "eval" else _cli(
+        capsys, *[a.format(root=broken) for a in args])
+    assert code == 2 and message in err and "Traceback" not in err, err
 
 
 def test_cli_full_disk_is_one_line_and_keeps_finished_work(capsys, tmp_path, monkeypatch):

@@ -164,21 +164,21 @@ def cmd_eval(args) -> int:
     model_name = Path(args.model).name if args.model else "toy-main"
     out = args.out or f"runs/eval/{split.stem if split.is_file() else split.name}-{model_name}"
     writable_dir(out)
-    model, tokenizer, assistant, note = _load(args)
-    if note:
-        raise UsageError(f"nothing to evaluate: {note}")
-    config = EvalConfig(
+    config = EvalConfig(  # checks the methods, guides, retentions and layers before any model loads
         split=str(split),
         out=out,
         methods=args.methods.split(","),
         guides=args.guides.split(","),
-        retentions=[float(r) for r in args.retentions.split(",")],
+        retentions=args.retentions,
         layers=args.layers,
         limit=args.limit,
         seed=args.seed,
         guide_pool=args.guide_pool,
         layer=args.layer,
     )
+    model, tokenizer, assistant, note = _load(args)
+    if note:
+        raise UsageError(f"nothing to evaluate: {note}")
     summaries = evaluate(config, model, tokenizer, assistant, progress=not args.quiet, overwrite=args.overwrite)
     print(f"{'method':<10} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7} {'failed':>6}")
     for s in summaries:
@@ -202,16 +202,23 @@ def cmd_calibrate(args) -> int:
     from .harness.analysis import calibrate, plot_prior
     from .harness.files import figure_target, writable_dir
     from .testbed.synth import read_split
+    from .testbed.toy import ASSETS
 
-    records = read_split(args.split)[: args.limit]
-    plot = figure_target(args.plot, "--plot")[0] if args.plot else None
-    model, tokenizer = _load(args)[:2]
-    folder = None if args.dry_run else (args.model or model.name_or_path)
-    if folder is not None:
+    def check_writable(folder):
         try:
             writable_dir(folder, "the model folder")
         except ValueError as error:
             raise UsageError(f"{error}; or pass --dry-run to only report the layers") from None
+
+    records = read_split(args.split)[: args.limit]
+    plot = figure_target(args.plot, "--plot")[0] if args.plot else None
+    folder = None if args.dry_run else Path(args.model or ASSETS / "toy-main")
+    if folder is not None and folder.is_dir():  # before loading (a missing folder is load_model's to name, not to create here)
+        check_writable(folder)
+    model, tokenizer = _load(args)[:2]
+    folder = None if args.dry_run else (args.model or model.name_or_path)
+    if folder is not None:
+        check_writable(folder)
     result = calibrate(model, tokenizer, records, folder)
     for row in result["prior"]["layers"]:
         print(f"layer {row['layer']:>2}: needle mass {row['needle_mass']:.3f} (uniform {row['uniform_share']:.3f}), "
@@ -232,6 +239,10 @@ def cmd_bench(args) -> int:
         config.repeats = args.repeats
     if args.warmup is not None:
         config.warmup = args.warmup
+    for key, least in (("repeats", 1), ("warmup", 0)):  # the flags are checked by argparse; these came from the config
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"{key} {value!r} in {args.config}: expected a whole number >= {least}")
     if args.device is not None:
         config.device = args.device
     out = args.out or f"benchmarks/results/bench-{config.name}"
@@ -277,6 +288,25 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
+
+
+def _count0(text: str) -> int:
+    """argparse type: an int >= 0 (a negative count would silently mean none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def _numbers(text: str) -> list[float]:
+    """argparse type: comma-separated numbers (their range is EvalConfig's to check)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.125,0.25, got {text!r}") from None
 
 
 def _add_method_args(p, retention_default=None):
@@ -328,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--assistant", help="assistant model folder (default: the shipped toy assistant)")
     ev.add_argument("--methods", default="visionzip,uniform,random", help="comma-separated: full, uniform, random, visionzip, fastv")
     ev.add_argument("--guides", default="none,self,assistant", help="comma-separated: none, self, assistant, inline (fastv only)")
-    ev.add_argument("--retentions", default="0.0625,0.125,0.25,0.5")
+    ev.add_argument("--retentions", type=_numbers, default="0.0625,0.125,0.25,0.5", help="comma-separated kept shares in (0, 1]")
     ev.add_argument("--layers", help="guide layers for every run (default: calibrated per guide)")
     ev.add_argument("--limit", type=_count, help="first N questions only")
     ev.add_argument("--seed", type=int, default=0)
@@ -352,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("config", help="bench config JSON (see benchmarks/configs/)")
     bench.add_argument("--out", help="result folder (default benchmarks/results/bench-<name>)")
     bench.add_argument("--repeats", type=_count, help="timed repeats per configuration (median reported)")
-    bench.add_argument("--warmup", type=int, help="untimed warm-up calls per configuration")
+    bench.add_argument("--warmup", type=_count0, help="untimed warm-up calls per configuration")
     bench.add_argument("--device", help="cpu, cuda or auto")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)

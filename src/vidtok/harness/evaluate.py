@@ -53,6 +53,25 @@ class EvalConfig:
             raise ValueError(f"eval runs single compressors; {composed[0]} (a composition) runs through `vidtok run` and the API")
         if "inline" in self.guides and "fastv" not in self.methods:
             raise ValueError("the inline guide reads the main model's attention before FastV drops tokens: add fastv to the methods")
+        check_layers_format(self.layers)
+
+
+def check_layers_format(layers) -> None:
+    """A layers string must read as 'A-B' or 'A,B,C' (parse_layers' reading, without building the
+    range): checkable before any model loads; whether the layers exist is the model's to say."""
+    import re
+
+    if not isinstance(layers, str):  # None, or the API's ints and ranges: checked against the model
+        return
+    text = layers.replace(" ", "")
+    span = re.fullmatch(r"(\d+)-(\d+)", text)
+    try:
+        if span is None:
+            [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"cannot read layers {layers!r}: write a range 'A-B' (inclusive) or a list 'A,B,C'") from None
+    if span is not None and int(span[1]) > int(span[2]):
+        raise ValueError(f"no guide layers chosen from {layers!r}: a range 'A-B' needs A <= B")
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:

@@ -139,6 +139,8 @@ def read_split(jsonl: str | os.PathLike) -> list[dict]:
             for key in ("video", "question", "answer"):
                 if key not in record:
                     raise ValueError(f"{jsonl}:{n} lacks {key!r}")
+            if not isinstance(record["video"], str) or not record["video"].strip():
+                raise ValueError(f"{jsonl}:{n}: 'video' must be a string (the video's path, relative to the split's folder), got {record['video']!r}")
             record["video"] = str(jsonl.parent / record["video"])
             records.append(record)
     return records
