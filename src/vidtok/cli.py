@@ -96,6 +96,8 @@ def _method(args, model, assistant, tokenizer=None, video=None, question=None):
 def _pixels(model, video, args):
     from .models import adapter_for
 
+    if getattr(args, "fps", None) is not None:
+        return adapter_for(model).pixels(video, None, args.fps)
     return adapter_for(model).pixels(video, args.frames if args.frames is not None else (16 if args.video is None else 32))
 
 
@@ -106,6 +108,10 @@ def _video_and_question(args):
     question = args.question or (default_question() if args.video is None else None)
     if question is None:
         raise UsageError("give a QUESTION after the VIDEO")
+    if getattr(args, "fps", None) is not None:
+        if args.frames is not None:
+            raise UsageError("give --frames or --fps, not both")
+        return video, question, None
     return video, question, args.frames if args.frames is not None else (16 if args.video is None else 32)
 
 
@@ -119,8 +125,9 @@ def cmd_run(args) -> int:
         import torch
 
         torch.manual_seed(args.seed)
+    fps = args.fps if isinstance(video, (str, os.PathLike)) else None  # already-decoded pixels carry their sampling
     result = pipeline.generate(
-        model, tokenizer, video, question, method, frames=frames, max_new_tokens=args.max_new_tokens, do_sample=args.sample
+        model, tokenizer, video, question, method, frames=frames, fps=fps, max_new_tokens=args.max_new_tokens, do_sample=args.sample
     )
     record = {
         "answer": result.text,
@@ -337,6 +344,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("question", nargs="?", help="question (default: the sample's)")
         q.add_argument("--model", help="model folder (default: the shipped toy model)")
         q.add_argument("--frames", type=_count, help="frames to sample uniformly (default 32; 16 for the sample)")
+        q.add_argument("--fps", type=float, help="instead of --frames: sample this many frames per second of video")
         q.add_argument("--max-new-tokens", type=_count, default=16)
         _add_method_args(q)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+from .base import EncodedVideo, VideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter, QwenVideo
 
 _ADAPTERS: dict[str, type] = {}
 
@@ -33,12 +35,13 @@ def adapter_for(model):
     if model_type not in _ADAPTERS:
         raise UnsupportedModelError(
             f"vidtok does not support model type {model_type!r} ({type(model).__name__}); "
-            f"supported: {', '.join(supported_model_types())}. Load e.g. a LLaVA-OneVision checkpoint "
-            "with LlavaOnevisionForConditionalGeneration"
+            f"supported: {', '.join(supported_model_types())}. Load e.g. a LLaVA-OneVision or Qwen2.5-VL checkpoint "
+            "with AutoModelForImageTextToText"
         )
     return _ADAPTERS[model_type](model)
 
 
 register_adapter("llava_onevision", LlavaOnevisionAdapter)
+register_adapter("qwen2_5_vl", Qwen2_5_VLAdapter)
 
-__all__ = ["UnsupportedModelError", "adapter_for", "register_adapter", "supported_model_types"]
+__all__ = ["EncodedVideo", "QwenVideo", "UnsupportedModelError", "VideoAdapter", "adapter_for", "register_adapter", "supported_model_types"]

@@ -25,6 +25,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
 
+# Qwen-VL's markers, after the words so the LLaVA-OV vocabulary (and the shipped models) keep their ids.
+QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<video> ", "<|vision_start|> <|video_pad|> <|vision_end|> ")
+
 # geometry name -> (vision width, vision layers, text width, text layers, text heads, kv heads)
 GEOMETRIES = {
     "main": (96, 2, 128, 4, 4, 2),
@@ -33,12 +37,14 @@ GEOMETRIES = {
 }
 
 
-def build_tokenizer():
-    """Word-level tokenizer with the toy vocabulary and a chat template (saved as tokenizer.json)."""
+def build_tokenizer(family: str = "llava_onevision"):
+    """Word-level tokenizer with the toy vocabulary and a chat template (saved as tokenizer.json);
+    `family="qwen2_5_vl"` adds Qwen-VL's vision markers and renders a video as they do."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    qwen = family != "llava_onevision"
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + (QWEN_SPECIALS if qwen else ()))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(
@@ -49,9 +55,51 @@ def build_tokenizer():
         bos_token=None,
         extra_special_tokens={"video_token": "<video>", "image_token": "<image>"},
     )
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<video>", "<image>"]})
-    tok.chat_template = CHAT_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<video>", "<image>", *(QWEN_SPECIALS if qwen else ())]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE if qwen else CHAT_TEMPLATE
     return tok
+
+
+# geometry name -> (vision width, vision depth, full-attention blocks, text width, text layers, heads, kv heads)
+QWEN_GEOMETRIES = {
+    "test": (32, 4, [1, 3], 32, 3, 4, 2),
+}
+
+
+def qwen_toy_config(geometry: str = "test", patch_size: int = 8, window_size: int = 32):
+    """A Qwen2_5_VLConfig of the toy vocabulary: 8-px patches merged 2x2, so a 64-px frame pair is 4x4 = 16 tokens."""
+    from transformers import Qwen2_5_VLConfig
+
+    vw, depth, full, tw, tl, th, tkv = QWEN_GEOMETRIES[geometry]
+    vocab = len(SPECIALS) + len(WORDS) + len(QWEN_SPECIALS)
+    ids = {name: len(SPECIALS) + len(WORDS) + i for i, name in enumerate(QWEN_SPECIALS)}
+    head_dim = tw // th
+    return Qwen2_5_VLConfig(
+        vision_config={"depth": depth, "hidden_size": vw, "intermediate_size": vw * 2, "num_heads": 2, "out_hidden_size": tw,
+                       "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": window_size,
+                       "fullatt_block_indexes": full, "tokens_per_second": 2, "in_channels": 3},
+        text_config={"hidden_size": tw, "intermediate_size": tw * 2, "num_hidden_layers": tl, "num_attention_heads": th,
+                     "num_key_value_heads": tkv, "vocab_size": vocab, "max_position_embeddings": 2048,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]},
+                     "eos_token_id": SPECIALS.index("<|im_end|>"), "pad_token_id": SPECIALS.index("<pad>"), "bos_token_id": None,
+                     "tie_word_embeddings": True},
+        video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_qwen_toy_model(geometry: str = "test", seed: int = 0, **config_kwargs):
+    """Random-weight toy Qwen2.5-VL (deterministic from `seed`), in eval mode, float32."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = qwen_toy_config(geometry, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model.eval()
 
 
 def toy_config(geometry: str = "main", image_size: int = 64, patch_size: int = 8):
