@@ -186,17 +186,71 @@ BAD = [
     ("guide=assistant", "guide=assistant needs assistant="),
     ("frames=0", "frames=0 must be a positive integer"),
     ("batch_size=4", "batch_size 4"),
+    ("layers=1.5", "cannot read layers '1.5'"),
+    ("layers=a", "cannot read layers 'a'"),
+    ("layers=1-2-3", "cannot read layers '1-2-3'"),
+    ("cap=True", "cap=True must be a positive integer"),
+    ("guide=self,cap=4,floor=5", "floor=5 exceeds cap=4"),
+    ("guide_pool=0", "guide_pool=0 must be a positive integer"),
+    ("max_new_tokens=0", "max_new_tokens=0 must be a positive integer"),
+    ("plan_log=/proc/x/p.jsonl", "plan_log='/proc/x/p.jsonl'"),
+    ("guide=none,cap=4", "cap=, floor= and guide_pool= shape DyToK's budgets"),
+    ("method=fastv,guide=inline,guide_pool=2", "guide=inline reads the main prefill itself"),
 ]
 
 
+def _counting_loads(monkeypatch):
+    import vidtok.integrations.lmms_eval as plugin
+
+    loads, real = [], plugin._load
+    monkeypatch.setattr(plugin, "_load", lambda name: (loads.append(name), real(name))[1])
+    return loads
+
+
 @pytest.mark.parametrize("extra,message", BAD, ids=[b[0] for b in BAD])
-def test_bad_model_args_fail_before_loading_with_one_line(extra, message):
+def test_bad_model_args_fail_before_loading_with_one_line(extra, message, monkeypatch):
+    assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
+    from vidtok.integrations.lmms_eval import ModelArgsError, VidtokLMM
+
+    loads = _counting_loads(monkeypatch)
+    with pytest.raises(ModelArgsError) as error:
+        VidtokLMM.create_from_arg_string(f"pretrained={MAIN},{extra}")
+    assert message in str(error.value.code) and "\n" not in str(error.value.code)
+    assert loads == [], "refused only after a model loaded"
+
+
+# What only the loaded model can tell (its depth, its tokens per frame): refused right after
+# loading, before lmms-eval's first request, instead of a traceback inside the evaluation.
+BAD_FOR_THE_MODEL = [
+    ("guide=self,layers=7", "guide layer 7 is outside the guide's 4 layers"),
+    (f"assistant={ASSISTANT},guide=assistant,layers=3", "guide layer 3 is outside the guide's 2 layers"),
+    ("method=fastv,guide=inline,layers=2", "inline layers must be below it"),
+    ("method=fastv,layer=4", "FastV's layer 4 is outside 1..3"),
+    ("guide=self,cap=99", "cap=99 exceeds the 16 tokens"),
+    ("guide=self,floor=100", "floor=100 exceeds the 16 tokens"),
+    ("guide=self,floor=3,retention=0.125,frames=16", "floor=3 x frames=16 = 48 exceeds the budget of 32 tokens"),
+    ("guide=self,cap=1,retention=0.125,frames=16", "budget of 32 tokens exceeds frames=16 x cap=1"),
+    ("method=fastv,guide=self,floor=3,retention=0.125,frames=16", "floor=3 x frames=16 = 48 exceeds the budget of 32 tokens"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_FOR_THE_MODEL, ids=[b[0] for b in BAD_FOR_THE_MODEL])
+def test_model_args_the_model_cannot_serve_fail_at_startup_with_one_line(extra, message):
     assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
     from vidtok.integrations.lmms_eval import ModelArgsError, VidtokLMM
 
     with pytest.raises(ModelArgsError) as error:
         VidtokLMM.create_from_arg_string(f"pretrained={MAIN},{extra}")
-    assert message in str(error.value.code)
+    assert message in str(error.value.code) and "\n" not in str(error.value.code)
+
+
+@pytest.mark.parametrize("extra", ["guide=self,layers=1;3,cap=8,floor=1", "method=fastv,guide=inline,layers=1", f"assistant={ASSISTANT},layers=0-1",
+                                   "method=visionzip+fastv,vision_retention=0.5,guide=inline,floor=1", "method=full", "guide=self,floor=2"])
+def test_model_args_that_fit_the_model_are_accepted(extra, tmp_path):
+    from vidtok.integrations.lmms_eval import VidtokLMM
+
+    VidtokLMM.create_from_arg_string(f"pretrained={MAIN},{extra},frames=16,plan_log={tmp_path / 'new' / 'plans.jsonl'}")
+    assert (tmp_path / "new").is_dir()
 
 
 def test_missing_checkpoint_names_the_folder():
@@ -206,10 +260,12 @@ def test_missing_checkpoint_names_the_folder():
         ModelArgs.parse({"pretrained": "/no/such/checkpoint"})
 
 
-def test_bad_args_through_the_cli_exit_non_zero_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("extra, said", [("retention=1.5", ["retention=1.5", "(0, 1]"]), ("guide=self,cap=99", ["cap=99 exceeds the 16 tokens"])],
+                         ids=["before loading", "after loading"])
+def test_bad_args_through_the_cli_exit_non_zero_without_a_traceback(tmp_path, extra, said):
     assert lmms_eval is not None, "lmms-eval is not installed: run the README's setup line"
-    done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], f"pretrained={MAIN},retention=1.5", tmp_path / "bad", timeout=300)
+    done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], f"pretrained={MAIN},{extra}", tmp_path / "bad", timeout=300)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr + done.stdout
-    assert "retention=1.5" in done.stderr and "(0, 1]" in done.stderr
+    assert all(s in done.stderr for s in said), done.stderr[-2000:]
     assert not (tmp_path / "bad" / "plans.jsonl").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..compressors import GUIDES, METHODS
 from ..budget import check_retention
+from ..harness.evaluate import check_layers_format
 
 MODEL_ID = "vidtok"
 
@@ -84,10 +85,27 @@ class ModelArgs:
             except ValueError as error:
                 raise ModelArgsError(f"retention={self.retention!r}: {error}") from None
         need(isinstance(self.frames, int) and not isinstance(self.frames, bool) and self.frames >= 1, f"frames={self.frames!r} must be a positive integer")
-        for name in ("floor", "seed", "max_new_tokens", "guide_pool"):
+        for name in ("floor", "seed"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{name}={value!r} must be a non-negative integer")
-        need(self.cap is None or (isinstance(self.cap, int) and self.cap >= 1), f"cap={self.cap!r} must be a positive integer")
+        for name in ("max_new_tokens", "guide_pool"):  # 0 new tokens answers nothing; a 0 x 0 pool sees nothing
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name}={value!r} must be a positive integer")
+        need(self.cap is None or (isinstance(self.cap, int) and not isinstance(self.cap, bool) and self.cap >= 1),
+             f"cap={self.cap!r} must be a positive integer")
+        need(self.cap is None or self.floor <= self.cap, f"floor={self.floor} exceeds cap={self.cap}: a frame cannot keep more than its cap; lower floor= or raise cap=")
+        guide = self.guide or ("none" if self.method == "full" else "assistant" if self.assistant else "self")  # as __init__ resolves it
+        need(guide != "none" or (self.cap is None and not self.floor and self.guide_pool == 1),
+             "cap=, floor= and guide_pool= shape DyToK's budgets: they need guide=self, assistant or inline")
+        need(guide != "inline" or self.guide_pool == 1, "guide_pool= shapes a separate guide pass; guide=inline reads the main prefill itself: drop it")
+        if self.layers is not None:  # the format now; whether the layers exist once the guide is loaded
+            try:
+                check_layers_format(self.layer_spec)
+            except ValueError:
+                raise ModelArgsError(
+                    f"cannot read layers {str(self.layers)!r}: write a range 'A-B' (inclusive) or a list 'A;B;C' (lmms-eval splits --model_args at commas)"
+                ) from None
+        self._check_plan_log()
         need(isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 1, f"layer={self.layer!r} must be a positive integer (FastV's layer)")
         need(self.guide != "inline" or "fastv" in self.method, "guide=inline reads the main model's attention before FastV drops tokens: use method=fastv")
         need(("+" in self.method) == (self.vision_retention is not None),
@@ -104,6 +122,24 @@ class ModelArgs:
             path = getattr(self, name)
             if path is not None and not _is_toy_name(path):
                 need(Path(path, "config.json").is_file(), f"{name}={path!r} is not a model folder (no config.json there); vidtok never downloads: give a local checkpoint folder")
+
+    def _check_plan_log(self) -> None:
+        """The plan log's folder is made and written to at the first sample, deep inside lmms-eval's
+        evaluation (a traceback, exit 0): prove it writable now (creating it, as that sample would)."""
+        from ..harness.files import OutputError, writable_dir
+
+        log = self.plan_log or os.environ.get("VIDTOK_PLAN_LOG")
+        if not log:
+            return
+        key, path = ("plan_log" if self.plan_log else "VIDTOK_PLAN_LOG"), Path(log)
+        if path.is_dir():
+            raise ModelArgsError(f"{key}={log!r} is a folder; give a file name such as {str(path / 'plans.jsonl')!r}")
+        try:
+            writable_dir(path.parent, what=f"the folder of {key}")
+        except OutputError as error:
+            raise ModelArgsError(f"{key}={log!r}: {error}") from None
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ModelArgsError(f"{key}={log!r} exists and is read-only; choose another path or make it writable")
 
     @property
     def layer_spec(self):
@@ -126,6 +162,65 @@ def _load(name):
         return load_model(path)
     except UsageError as error:
         raise ModelArgsError(str(error)) from None
+
+
+def _check_fits(args: ModelArgs, guide: str, layers, model, assistant) -> None:
+    """What only the loaded models can tell: the guide layers and FastV's layer within their depth,
+    cap and floor within a frame's tokens, the floor and cap against the kept budget. vidtok
+    checks these per sample, which inside lmms-eval's evaluation is a traceback and exit 0 on
+    every request; here they end the run at startup with one line. `frames` frames are assumed
+    (what every video is sampled to)."""
+    from ..budget import total_budget
+    from ..compressors import FastV
+    from ..importance import parse_layers
+    from ..models import adapter_for
+
+    main = adapter_for(model)
+    depth, per_frame, frames = main.num_layers, main.tokens_per_frame, args.frames
+    composed, fastv = "+" in args.method, "fastv" in args.method
+    which = f"layers={args.layers}" if args.layers is not None else f"the calibrated guide layers {layers}"
+    try:
+        if fastv:
+            FastV(retention=1.0, layer=args.layer).check_layer(depth)
+    except ValueError as error:
+        raise ModelArgsError(f"layer={args.layer}: {error}") from None
+    try:
+        if guide == "inline":
+            chosen = parse_layers(range(args.layer) if layers is None else layers, depth)
+            if max(chosen) >= args.layer:
+                raise ValueError(f"the inline prior reads layers {chosen}, but FastV drops tokens from layer {args.layer} on: "
+                                 f"inline layers must be below it (0..{args.layer - 1}); pick earlier layers or a later layer=")
+        elif guide != "none":
+            parse_layers(layers, adapter_for(assistant if guide == "assistant" else model).num_layers)
+    except ValueError as error:
+        raise ModelArgsError(f"{which}: {error}") from None
+    if guide == "none":
+        return
+    cap = per_frame if args.cap is None else args.cap
+    name = Path(str(args.pretrained)).name
+    if cap > per_frame:
+        raise ModelArgsError(f"cap={cap} exceeds the {per_frame} tokens a frame of {name} has; use cap<={per_frame}")
+    if args.floor > cap:
+        raise ModelArgsError(f"floor={args.floor} exceeds the {per_frame} tokens a frame of {name} has; use floor<={per_frame}")
+    retention = 0.25 if args.retention is None else args.retention
+    if composed:
+        encoder, dropped = args.vision_retention, min(1.0, retention / args.vision_retention)
+    else:
+        encoder, dropped = (1.0, retention) if fastv else (retention, None)
+    try:
+        vision = total_budget(encoder, frames, per_frame)
+        kept = vision if dropped is None else total_budget(dropped, 1, vision)
+    except ValueError as error:
+        raise ModelArgsError(f"retention={retention:g} with frames={frames}: {error}") from None
+    if kept == frames * per_frame or (composed and guide == "inline"):
+        # nothing compressed: no budget to split; composed + inline: FastV's floor and cap are
+        # bounded per frame by what the encoder left, checked per sample
+        return
+    if args.floor * frames > kept:
+        raise ModelArgsError(f"floor={args.floor} x frames={frames} = {args.floor * frames} exceeds the budget of {kept} tokens "
+                             f"(retention={retention:g} of {frames} frames x {per_frame} tokens); lower floor= or raise retention=")
+    if kept > frames * cap:
+        raise ModelArgsError(f"the budget of {kept} tokens exceeds frames={frames} x cap={cap} = {frames * cap}; raise cap= or lower retention=")
 
 
 def model_help() -> str:
@@ -168,6 +263,7 @@ class VidtokLMM(_base()):
                                        layer=args.layer, vision_retention=args.vision_retention)
         except (TypeError, ValueError) as error:
             raise ModelArgsError(str(error)) from None
+        _check_fits(args, guide, layers, self.model, assistant)
         self.guide = guide
         self.batch_size_per_gpu = 1
         log = args.plan_log or os.environ.get("VIDTOK_PLAN_LOG")
