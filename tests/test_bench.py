@@ -158,3 +158,34 @@ def test_geometry_from_config():
     )
     assert adapter_for(model).tokens_per_frame == 1
     assert not model.config.vision_config.vision_use_head
+
+
+@torch.no_grad()
+def test_qwen_vision_formula_matches_a_count():
+    from vidtok.testbed.toy import build_qwen_toy_model
+
+    model = build_qwen_toy_model("test", seed=0)
+    model.set_attn_implementation("eager")
+    adapter = adapter_for(model)
+    video = adapter.pixels(torch.randn(4, 3, 80, 48))  # 2 groups of 10 x 6 patches: windows of unequal sizes
+    grid = adapter._grid(video)
+    got = counted(lambda: model.model.get_video_features(adapter._patchify(video), video_grid_thw=torch.tensor([grid])))
+    assert got == flops.qwen_vision_flops(model.config, grid)
+
+
+def test_bench_runs_a_qwen_geometry(tmp_path):
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+    vision = {"depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 8, "window_size": 32, "fullatt_block_indexes": [1, 3]}
+    config = BenchConfig(name="q", main={"family": "qwen2_5_vl", "vision": vision, "text": text, "frame_size": 64},
+                         guide={"text": {**text, "hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1}, "share_vision": True},
+                         frames=4, runs=[{"method": "visionzip", "guide": "none", "retentions": [0.25]},
+                                         {"method": "visionzip", "guide": "assistant", "retentions": [0.25]},
+                                         {"method": "fastv", "guide": "inline", "retentions": [0.25]}],
+                         repeats=1, warmup=0, decode_tokens=2)
+    report = run_bench(config, tmp_path, log=lambda *a: None)
+    full, static, guided, fastv = report["rows"]
+    # 64-px frames are resized by the processor's default rule (no checkpoint folder): 320 px, 20 x 20 tokens per group
+    assert report["shared_vision_tower"] is True and full["visual_tokens_in"] == 2 * 20 * 20
+    assert static["prefill_flops"]["compress"] > 0 and static["prefill_flops"]["vision"] == full["prefill_flops"]["vision"]
+    assert 0 < guided["prefill_flops"]["guide"] and guided["stage_seconds"]["guide_vision"] > 0
+    assert fastv["visual_tokens_kept"] == 200 and fastv["prefill_flops"]["guide"] == 0

@@ -300,3 +300,28 @@ def test_an_assistant_of_another_family_or_layout_is_refused(model, tokenizer, p
     other = build_qwen_toy_model("test", seed=2, patch_size=4)
     with pytest.raises(ValueError, match="patch_size 8 vs 4"):
         prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=other))
+
+
+def test_an_assistant_with_the_same_vision_blocks_runs_only_its_merger(model, tokenizer, pixels):
+    from vidtok.testbed.toy import qwen_toy_config
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = qwen_toy_config("test")
+    config.text_config.hidden_size = 16  # a narrower LLM: its merger maps into 16 wide
+    config.text_config.intermediate_size = 32
+    config.text_config.num_attention_heads, config.text_config.num_key_value_heads = 2, 1  # head_dim 8, as the mrope sections need
+    config.vision_config.out_hidden_size = 16
+    torch.manual_seed(3)
+    small = Qwen2_5_VLForConditionalGeneration(config).eval()
+    mine = {k: v for k, v in model.model.visual.state_dict().items() if not k.startswith("merger.")}
+    small.model.visual.load_state_dict(mine, strict=False)
+    main, guide = adapter_for(model), adapter_for(small)
+    assert main.same_vision_tower(guide) and not main.same_vision_tower(adapter_for(build_qwen_toy_model("test", seed=5)))
+    video = main.pixels(pixels)
+    with torch.no_grad():
+        encoded = main.encode_video(video)
+        shared = guide.project(encoded.vision_hidden, encoded).features
+        own = guide.encode_video(video).features
+    assert shared.shape == own.shape == (3, 16, 16) and torch.allclose(shared, own, atol=1e-6)
+    plan = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=small), max_new_tokens=2).plan
+    assert "guide_vision" in plan.seconds and sum(plan.budgets) == 12

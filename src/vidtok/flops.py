@@ -116,3 +116,32 @@ def visionzip_signal_flops(config, frames: int) -> int:
     v = config.vision_config
     patches = (v.image_size // v.patch_size) ** 2
     return frames * 2 * patches * patches * v.hidden_size
+
+
+def qwen_vision_flops(config, grid: tuple[int, int, int]) -> int:
+    """Qwen2.5-VL's vision encoder on a (groups, h, w) patch grid: patch embedding, every block
+    (qkv, proj, gated MLP; attention within each window, or within each group in the
+    full-attention blocks) and the 2x2 merger into the LLM's width."""
+    from transformers.vision_utils import get_vision_window_index
+
+    import torch
+
+    v = config.vision_config
+    groups, h, w = grid
+    n = groups * h * w
+    hv, m = v.hidden_size, v.spatial_merge_size
+    _, cu = get_vision_window_index(torch.tensor([[groups, h, w]]), m, v.window_size, v.patch_size)
+    windows = (cu[1:] - cu[:-1]).tolist()
+    dense = 2 * n * hv * 4 * hv + 2 * n * hv * v.intermediate_size * 3
+    total = 2 * n * 3 * v.temporal_patch_size * v.patch_size**2 * hv
+    for block in range(v.depth):
+        spans = [h * w] * groups if block in v.fullatt_block_indexes else windows
+        total += dense + sum(4 * s * s * hv for s in spans)
+    merged = n // m**2
+    return total + 2 * merged * (hv * m**2) * (hv * m**2 + v.out_hidden_size)
+
+
+def qwen_visionzip_signal_flops(config, grid: tuple[int, int, int]) -> int:
+    """Attention received in the ranking block, recomputed from its query/key: QK^T per group."""
+    groups, h, w = grid
+    return groups * 2 * (h * w) ** 2 * config.vision_config.hidden_size

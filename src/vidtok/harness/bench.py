@@ -9,6 +9,7 @@ guide + compression + prefill), decode tokens/s. Also peak RSS (CPU) or peak all
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -30,7 +31,8 @@ STAGES = ("decode", "vision", "guide_vision", "guide", "compress", "prefill")
 @dataclass
 class BenchConfig:
     name: str = field(metadata={"help": "result folder name"})
-    main: dict = field(metadata={"help": '{"toy": geometry} | {"path": folder} | {"vision": {...}, "text": {...}}'})
+    main: dict = field(metadata={"help": '{"toy": geometry} | {"path": folder} | {"vision": {...}, "text": {...}} '
+                                           '(+ "family": "qwen2_5_vl" and "frame_size": px for a Qwen2.5-VL geometry)'})
     guide: dict | None = field(default=None, metadata={"help": "assistant geometry, as main; share_vision: copy main's tower"})
     frames: int = 32
     runs: list = field(default_factory=lambda: [{"method": "full"}, {"method": "visionzip", "guide": "none", "retentions": [0.25, 0.1]}])
@@ -62,6 +64,22 @@ def build_model(spec: dict, seed: int, dtype, device, vision_from=None):
             raise ValueError(f"cannot load the checkpoint {spec['path']!r} named in the bench config: {str(error).strip().splitlines()[0]}") from error
     if "toy" in spec:
         model = build_toy_model(spec["toy"], seed=seed)
+    elif spec.get("family") == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from ..testbed.toy import qwen_toy_config
+
+        config = qwen_toy_config("test")  # the toy vocabulary's marker ids; the geometry comes from the spec
+        text = spec["text"]
+        half = text["hidden_size"] // text["num_attention_heads"] // 2
+        sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # 2:3:3 as Qwen2.5-VL's [16, 24, 24]
+        config.vision_config = type(config.vision_config)(**{**config.vision_config.to_dict(), **(spec.get("vision") or vision_from or {}),
+                                                             "out_hidden_size": text["hidden_size"]})
+        config.text_config = type(config.text_config)(**{**config.text_config.to_dict(), **text, "rope_parameters": {
+            "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": sections}})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2_5_VLForConditionalGeneration(config)
     else:
         vision = {"model_type": "siglip_vision_model", "vision_use_head": False, **(spec.get("vision") or (vision_from or {}))}
         text = {"model_type": "qwen2", "tie_word_embeddings": True, **spec["text"]}
@@ -173,41 +191,61 @@ def measure(model, tokenizer, video, question, method, frames, decode_tokens) ->
     with prepared.apply():  # FastV drops tokens inside the prefill (its choice is timed as part of it)
         with timer("prefill"):
             out = model(**prepared.inputs, use_cache=True, logits_to_keep=1)
-        past, mask = out.past_key_values, prepared.inputs["attention_mask"]
+        # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        past, mask = getattr(out, name), prepared.inputs["attention_mask"]
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        position = prepared.inputs.get("position_ids")
         with timer("decode_tokens"):
             for _ in range(decode_tokens):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = model(input_ids=token, attention_mask=mask, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                step = {}
+                if position is not None:  # 3-D positions: the next token follows the last one on every axis
+                    position = position[..., -1:] + 1
+                    step["position_ids"] = position
+                out = model(input_ids=token, attention_mask=mask, use_cache=True, **{name: past}, **step)
+                past, token = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
     return {"seconds": dict(seconds), "plan": prepared.plan, "prompt_tokens": int(prepared.inputs["input_ids"].shape[1])}
 
 
-def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision) -> dict:
+def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, grid=None) -> dict:
     config = model.config
     in_prompt = sum(plan.vision_budgets) if plan.vision_budgets is not None else plan.visual_tokens_kept  # visual tokens the LLM receives
-    text_tokens = prompt_tokens - in_prompt - 1
+    trailing = adapter_trailing(model)
+    text_tokens = prompt_tokens - in_prompt - trailing
     llm = flops.llm_prefill_flops(config, prompt_tokens)
     if plan.vision_budgets is not None:  # FastV: layers from K on run on the kept tokens only
         t = config.text_config
         llm = flops.fastv_prefill_flops(t, prompt_tokens, prompt_tokens - in_prompt + plan.visual_tokens_kept, plan.layer) + 2 * t.hidden_size * t.vocab_size
+    qwen = config.model_type == "qwen2_5_vl"
+    zipping = row["method"].startswith("visionzip") and in_prompt < plan.visual_tokens_in
     out = {
-        "vision": flops.vision_flops(config, plan.frames),
+        "vision": flops.qwen_vision_flops(config, grid) if qwen else flops.vision_flops(config, plan.frames),
         "llm": llm,
         "guide": 0,
-        "compress": flops.visionzip_signal_flops(config, plan.frames) if row["method"].startswith("visionzip") and in_prompt < plan.visual_tokens_in else 0,
+        "compress": 0 if not zipping else flops.qwen_visionzip_signal_flops(config, grid) if qwen else flops.visionzip_signal_flops(config, plan.frames),
     }
     if plan.guide_layers is not None and plan.guide != "inline":  # the inline prior is read inside the prefill: no pass of its own
         gconfig = (guide_model or model).config
         guide_tokens = plan.frames * plan.tokens_per_frame // row["guide_pool"] ** 2
-        out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + 1, max(plan.guide_layers))
-        if guide_model is not None:
+        out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + trailing, max(plan.guide_layers))
+        if guide_model is not None and qwen:
+            v = gconfig.vision_config
+            merger = 2 * (plan.frames * plan.tokens_per_frame) * (v.hidden_size * 4) * (v.hidden_size * 4 + v.out_hidden_size)
+            out["guide"] += merger if shared_vision else flops.qwen_vision_flops(gconfig, grid)
+        elif guide_model is not None:
             patches = (gconfig.vision_config.image_size // gconfig.vision_config.patch_size) ** 2
             out["guide"] += (
                 plan.frames * flops.projector_flops(gconfig, patches) if shared_vision else flops.vision_flops(gconfig, plan.frames)
             )
     out["total"] = sum(out.values())
     return out
+
+
+def adapter_trailing(model) -> int:
+    from ..models import adapter_for
+
+    return adapter_for(model).trailing_tokens
 
 
 def _machine(device) -> dict:
@@ -257,12 +295,17 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
 
         tokenizer = AutoTokenizer.from_pretrained(config.main["path"])
     else:
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(model.config.model_type)
     guide_model, shared = None, False
     if config.guide is not None:
-        guide_model = build_model(config.guide, config.seed + 1, dtype, device, vision_from=config.main.get("vision"))
+        guide_spec = {"family": config.main.get("family"), **config.guide} if config.main.get("family") else config.guide
+        guide_model = build_model(guide_spec, config.seed + 1, dtype, device, vision_from=config.main.get("vision"))
         if config.guide.get("share_vision"):
-            guide_model.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+            if model.config.model_type == "qwen2_5_vl":  # the blocks are shared; each model keeps its own merger
+                blocks = {k: v for k, v in model.model.visual.state_dict().items() if not k.startswith("merger.")}
+                guide_model.model.visual.load_state_dict(blocks, strict=False)
+            else:
+                guide_model.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
         shared = adapter_for(model).same_vision_tower(adapter_for(guide_model))
     rows = expand_runs(config)
     if any(r["guide"] == "assistant" for r in rows) and guide_model is None:
@@ -271,7 +314,9 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
     question = "what shape is red ?"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        video = bench_video(Path(tmp) / "bench.mp4", config.frames, adapter.image_size)
+        size = getattr(adapter, "image_size", None) or config.main.get("frame_size", 448)
+        video = bench_video(Path(tmp) / "bench.mp4", config.frames, size)
+        grid = adapter._grid(adapter.pixels(video, config.frames)) if hasattr(adapter, "_grid") else None
         methods = [_method(row, guide_model) for row in rows]
         for method in methods:
             for _ in range(config.warmup):
@@ -307,7 +352,7 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
                     "llm_side_seconds": llm_side,
                     "decode_tokens_per_s": config.decode_tokens / median["decode_tokens"] if median["decode_tokens"] else None,
                     "guide_share": (median["guide_vision"] + median["guide"]) / ttft if ttft else 0.0,
-                    "prefill_flops": prefill_flops(model, guide_model if row["guide"] == "assistant" else None, row, plan, prompt_tokens, shared),
+                    "prefill_flops": prefill_flops(model, guide_model if row["guide"] == "assistant" else None, row, plan, prompt_tokens, shared, grid),
                     "peak_rss_mb": peak if device.type == "cpu" else None,
                     "peak_cuda_mb": peak if device.type == "cuda" else None,
                     "repeats": runs,

@@ -245,21 +245,32 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             metric = torch.cat([k for _, k in chunks]).reshape(-1, unit, chunks[0][1].shape[-1]).mean(1)[raster.to(self.device)]
             frame_signals = FrameSignals(attention=attention.reshape(groups, per_unit), metric=metric.reshape(groups, per_unit, -1))
         interval = self.tokens_per_second * self.temporal * pixels.seconds_per_frame
-        meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "interval": interval}
-        return EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=features, meta=meta)
+        meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "interval": interval, "grid": (groups, h, w)}
+        # the blocks' output, in the encoder's window order: an assistant whose blocks are these runs only its own merger
+        return EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=out.last_hidden_state, meta=meta)
 
     def project(self, vision_hidden, like: EncodedVideo) -> EncodedVideo:
-        # the merger is part of the vision tower here: equal towers give equal LLM tokens
-        return EncodedVideo(features=vision_hidden.to(self.device, self.dtype), newline=like.newline, signals=None,
+        """Another model's vision blocks' output (window order) through this model's merger, back to raster order."""
+        from transformers.vision_utils import get_vision_window_index
+
+        groups, h, w = like.meta["grid"]
+        vision = self.model.config.vision_config
+        window_index, _ = get_vision_window_index(torch.tensor([[groups, h, w]]), self.merge, vision.window_size, self.patch)
+        merged = self.inner.visual.merger(vision_hidden.to(self.device, self.dtype))[torch.argsort(window_index).to(self.device)]
+        return EncodedVideo(features=merged.reshape(groups, -1, merged.shape[-1]), newline=merged[:0], signals=None,
                             vision_hidden=vision_hidden, meta=like.meta)
 
     def same_vision_tower(self, other) -> bool:
+        """True when `other`'s vision blocks are these (same geometry and weights); the mergers, which
+        map into each LLM's width, may differ (a 3B assistant and a 7B main model)."""
         mine, theirs = self.inner.visual, other.inner.visual
         if mine is theirs:
             return True
-        if mine.config.to_dict() != theirs.config.to_dict():
+        ignore = ("out_hidden_size",)
+        if {k: v for k, v in mine.config.to_dict().items() if k not in ignore} != {k: v for k, v in theirs.config.to_dict().items() if k not in ignore}:
             return False
-        a, b = mine.state_dict(), theirs.state_dict()
+        a = {k: v for k, v in mine.state_dict().items() if not k.startswith("merger.")}
+        b = {k: v for k, v in theirs.state_dict().items() if not k.startswith("merger.")}
         return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device)) for k in a)
 
     # prompt and LLM ------------------------------------------------------------------------
