@@ -269,3 +269,23 @@ def test_bad_args_through_the_cli_exit_non_zero_without_a_traceback(tmp_path, ex
     assert "Traceback" not in done.stderr + done.stdout
     assert all(s in done.stderr for s in said), done.stderr[-2000:]
     assert not (tmp_path / "bad" / "plans.jsonl").exists()
+
+
+def test_a_family_whose_tokens_per_unit_depend_on_the_video_is_checked_where_it_can_be(tmp_path):
+    """Qwen2.5-VL: tokens per temporal group follow each video's resolution, so the budget checks
+    wait for the samples; the depth checks do not."""
+    import json as _json
+
+    from vidtok.integrations.lmms_eval import ModelArgsError, VidtokLMM
+    from vidtok.models import adapter_for
+    from vidtok.testbed.toy import build_qwen_toy_model, build_tokenizer
+
+    folder = tmp_path / "qwen"
+    model = build_qwen_toy_model("test", seed=0)
+    model.save_pretrained(folder)
+    build_tokenizer("qwen2_5_vl").save_pretrained(folder)
+    (folder / "video_preprocessor_config.json").write_text(_json.dumps({"size": {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}}))
+    depth = adapter_for(model).num_layers
+    VidtokLMM.create_from_arg_string(f"pretrained={folder},method=visionzip,guide=self,floor=1,cap=8,frames=8")
+    with pytest.raises(ModelArgsError, match=f"guide layer {depth} is outside the guide's {depth} layers"):
+        VidtokLMM.create_from_arg_string(f"pretrained={folder},method=visionzip,guide=self,layers={depth},frames=8")

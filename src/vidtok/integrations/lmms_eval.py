@@ -169,14 +169,17 @@ def _check_fits(args: ModelArgs, guide: str, layers, model, assistant) -> None:
     cap and floor within a frame's tokens, the floor and cap against the kept budget. vidtok
     checks these per sample, which inside lmms-eval's evaluation is a traceback and exit 0 on
     every request; here they end the run at startup with one line. `frames` frames are assumed
-    (what every video is sampled to)."""
+    (what every video is sampled to). The budget checks need a fixed number of tokens per frame
+    (LLaVA-OneVision); a family whose units and their tokens follow each video (Qwen-VL's
+    temporal groups, sized by the resolution) has them checked per sample."""
     from ..budget import total_budget
     from ..compressors import FastV
     from ..importance import parse_layers
     from ..models import adapter_for
 
     main = adapter_for(model)
-    depth, per_frame, frames = main.num_layers, main.tokens_per_frame, args.frames
+    depth, frames = main.num_layers, args.frames
+    per_frame = getattr(main, "tokens_per_frame", None) if main.unit == "frame" else None
     composed, fastv = "+" in args.method, "fastv" in args.method
     which = f"layers={args.layers}" if args.layers is not None else f"the calibrated guide layers {layers}"
     try:
@@ -194,7 +197,7 @@ def _check_fits(args: ModelArgs, guide: str, layers, model, assistant) -> None:
             parse_layers(layers, adapter_for(assistant if guide == "assistant" else model).num_layers)
     except ValueError as error:
         raise ModelArgsError(f"{which}: {error}") from None
-    if guide == "none":
+    if guide == "none" or per_frame is None:
         return
     cap = per_frame if args.cap is None else args.cap
     name = Path(str(args.pretrained)).name
