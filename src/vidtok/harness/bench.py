@@ -75,7 +75,8 @@ def build_model(spec: dict, seed: int, dtype, device, vision_from=None):
         sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # 2:3:3 as Qwen2.5-VL's [16, 24, 24]
         config.vision_config = type(config.vision_config)(**{**config.vision_config.to_dict(), **(spec.get("vision") or vision_from or {}),
                                                              "out_hidden_size": text["hidden_size"]})
-        config.text_config = type(config.text_config)(**{**config.text_config.to_dict(), **text, "rope_parameters": {
+        base = {k: v for k, v in config.text_config.to_dict().items() if k != "layer_types"}  # derived again from the depth
+        config.text_config = type(config.text_config)(**{**base, **text, "rope_parameters": {
             "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": sections}})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
