@@ -349,3 +349,10 @@ def test_a_cache_that_places_tokens_by_position_is_refused(model, tokenizer, pix
     with pytest.raises(RuntimeError, match="needs transformers' DynamicCache"), torch.no_grad(), prepared.apply():
         model(**prepared.inputs, cache=cache, use_cache=True)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("guide", ["self", "inline"])
+def test_dytok_cap_and_floor_shape_fastvs_split(model, tokenizer, pixels, guide):
+    plan = generate(model, tokenizer, pixels, Q, DyToK(FastV(0.25, layer=2), guide=guide, cap=6, floor=2), max_new_tokens=2).plan
+    assert sum(plan.budgets) == 16 and all(2 <= b <= 6 for b in plan.budgets)
+    assert plan.vision_retention == 1.0  # nothing is dropped before the LLM

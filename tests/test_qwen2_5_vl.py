@@ -325,3 +325,25 @@ def test_an_assistant_with_the_same_vision_blocks_runs_only_its_merger(model, to
     assert shared.shape == own.shape == (3, 16, 16) and torch.allclose(shared, own, atol=1e-6)
     plan = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=small), max_new_tokens=2).plan
     assert "guide_vision" in plan.seconds and sum(plan.budgets) == 12
+
+
+def test_eval_calibrate_and_viz_on_a_qwen_checkpoint(model, tokenizer, tmp_path, capsys):
+    from vidtok.cli import main
+    from vidtok.harness.analysis import calibrate
+    from vidtok.harness.evaluate import EvalConfig, evaluate
+    from vidtok.testbed.synth import read_split, write_split
+
+    loaded = saved(model, tokenizer, tmp_path / "qwen", min_pixels=64 * 64, max_pixels=64 * 64)
+    write_split(tmp_path / "split", seed=5, count=3)
+    config = EvalConfig(split=str(tmp_path / "split"), out=str(tmp_path / "out"), methods=["visionzip", "fastv"], guides=["none", "self"],
+                        retentions=[0.25])
+    summaries = evaluate(config, loaded, tokenizer, progress=False)
+    assert len(summaries) == 5 and all(s["samples"] == 3 and s["failed"] == 0 for s in summaries)
+    assert all(s["needle_survival"] is not None for s in summaries)  # needle frame -> its temporal group
+    assert {s["mean_kept_tokens"] for s in summaries if s["method"] != "full"} == {32.0}  # 8 groups x 16 x 0.25
+    result = calibrate(loaded, tokenizer, read_split(tmp_path / "split"))
+    assert result["guide_layers"] and len(result["prior"]["layers"]) == 3
+    out = tmp_path / "viz.png"
+    assert main(["viz", str(tmp_path / "split" / "videos" / "00000.mp4"), Q, "--model", str(tmp_path / "qwen"), "--frames", "16",
+                 "--guide", "self", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"

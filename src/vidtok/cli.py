@@ -156,7 +156,10 @@ def cmd_viz(args) -> int:
     method, video = _method(args, model, assistant, tokenizer, video, question)
     pixels = _pixels(model, video, args)
     result = pipeline.generate(model, tokenizer, pixels, question, method, max_new_tokens=args.max_new_tokens)
-    render(pixels, result.plan, question, result.text, out, format=fmt)
+    from .models import adapter_for
+
+    images, grid = adapter_for(model).display(pixels)
+    render(images, result.plan, question, result.text, out, grid=grid, format=fmt)
     print(f"wrote {out}" + (f" ({note})" if note else ""))
     return 0
 

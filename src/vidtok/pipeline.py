@@ -302,8 +302,9 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     weights = None
     if dytok is not None and not inline and (compressing or dropping):
         weights = _guide_weights(dytok, guide, adapter, layers, tokenizer, question, pixels, encoded, timer)
+    if weights is not None and compressing:
         vision_budgets = dytok.budgets(weights.tolist(), vision_budget, per_frame)
-    else:
+    else:  # static, or nothing dropped before the LLM (FastV alone): DyToK's cap and floor shape FastV's split only
         vision_budgets = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
 
     with timer("compress"):

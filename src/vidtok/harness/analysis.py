@@ -31,9 +31,9 @@ def layer_frame_weights(model, tokenizer, records) -> list[torch.Tensor]:
         pixels = adapter.pixels(record["video"], record.get("frames"))
         _check_needle(record, pixels.shape[0])
         encoded = adapter.encode_video(pixels)
-        features, newline, _ = encoded.features, encoded.newline, encoded.signals
-        ids = adapter.input_ids(tokenizer, record["question"], features.shape[0] * adapter.tokens_per_frame + 1)
-        tokens = adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), every)
+        features, newline = encoded.features, encoded.newline
+        ids = adapter.input_ids(tokenizer, record["question"], features.shape[0] * features.shape[1] + newline.shape[0])
+        tokens = adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), every, encoded)
         out.append(torch.stack([frame_weights(tokens[i : i + 1], features.shape[0]) for i in every]))
     return out
 
@@ -90,6 +90,10 @@ def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> di
         frames = record.get("frames")
         _check_needle(record, frames if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else None)
     weights = layer_frame_weights(model, tokenizer, records)
+    from ..models import adapter_for
+
+    per_unit = adapter_for(model).frames_per_unit  # weights are per unit: a temporal group holds frames 2g, 2g + 1 (Qwen-VL)
+    records = [{**r, "needle_frame": r["needle_frame"] // per_unit} for r in records]
     layers, scores = best_range(weights, records)
     result = {"guide_layers": layers, "range_scores": scores, "prior": prior_report(weights, records)}
     if folder is not None:

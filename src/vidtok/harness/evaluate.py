@@ -389,7 +389,7 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
     head = {"index": index, "id": record.get("id"), "question": record.get("question")}
     try:
         pixels = adapter.pixels(record["video"], record.get("frames"))
-        problem = _record_problem(record, pixels.shape[0], adapter.tokens_per_frame)
+        problem = _record_problem(record, pixels.shape[0], adapter.video_shape(pixels)[1])
     except ValueError as error:  # VideoError included: unreadable, too short, impossible frame count
         problem = str(error)
     if problem:
@@ -405,7 +405,8 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
         plan = result.plan
         words = result.text.split()
         prediction = words[0] if words else ""
-        survived = record["needle_token"] in plan.kept[record["needle_frame"]] if "needle_frame" in record else None
+        unit = record["needle_frame"] // adapter.frames_per_unit if "needle_frame" in record else None  # Qwen-VL: a frame pair
+        survived = record["needle_token"] in plan.kept[unit] if unit is not None else None
         states[run].add(
             {
                 **head,

@@ -50,6 +50,7 @@ class VideoAdapter:
     model_type: ClassVar[str] = ""
     unit: ClassVar[str] = "frame"  # the unit of importance and budget, as the plan names it
     trailing_tokens: ClassVar[int] = 0  # uncompressed tokens after the video (LLaVA-OV's newline: 1)
+    frames_per_unit: ClassVar[int] = 1  # a frame-level label (a needle's frame) is unit frame // frames_per_unit
 
     model: Any
     num_layers: int
@@ -64,6 +65,10 @@ class VideoAdapter:
         raise NotImplementedError
 
     def encode_video(self, pixels, signals: bool = False) -> EncodedVideo:
+        raise NotImplementedError
+
+    def display(self, pixels) -> tuple[torch.Tensor, tuple[int, int]]:
+        """For pictures: the first frame of each unit as RGB in [0, 1], [U, H, W, 3], and a unit's token grid (rows, cols)."""
         raise NotImplementedError
 
     def project(self, vision_hidden, like: EncodedVideo) -> EncodedVideo:

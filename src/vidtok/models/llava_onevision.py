@@ -93,6 +93,11 @@ class LlavaOnevisionAdapter(VideoAdapter):
     def video_shape(self, pixels) -> tuple[int, int]:
         return pixels.shape[0], self.tokens_per_frame
 
+    def display(self, pixels):
+        mean, std = torch.tensor(self.image_mean)[:, None, None], torch.tensor(self.image_std)[:, None, None]
+        side = math.isqrt(self.tokens_per_frame)
+        return (pixels.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1), (side, side)
+
     @property
     def device(self):
         return self.inner.image_newline.device

@@ -98,6 +98,7 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         else:
             raise ValueError(f"expected a Qwen2.5-VL model, got {type(model).__name__}")
         self.model = model
+        self.frames_per_unit = model.config.vision_config.temporal_patch_size
         config, vision = model.config, model.config.vision_config
         self.patch, self.merge, self.temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
         self.factor = self.patch * self.merge
@@ -183,6 +184,11 @@ class Qwen2_5_VLAdapter(VideoAdapter):
     def video_shape(self, pixels: QwenVideo) -> tuple[int, int]:
         _, _, height, width = pixels.shape
         return pixels.shape[0] // self.temporal, (height // self.factor) * (width // self.factor)
+
+    def display(self, pixels: QwenVideo):
+        mean, std = torch.tensor(self.image_mean)[:, None, None], torch.tensor(self.image_std)[:, None, None]
+        first = pixels.pixels[:: self.temporal].float().cpu()
+        return (first * std + mean).clamp(0, 1).permute(0, 2, 3, 1), (pixels.shape[2] // self.factor, pixels.shape[3] // self.factor)
 
     def _grid(self, pixels: QwenVideo) -> tuple[int, int, int]:
         return pixels.shape[0] // self.temporal, pixels.shape[2] // self.patch, pixels.shape[3] // self.patch
