@@ -162,7 +162,7 @@ def _kill_when(command, env, path, lines):
 
 def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path):
     split = tmp_path / "split"
-    write_split(split, seed=98, count=5)
+    write_split(split, seed=98, count=8)  # room after the kill points, so a busy machine's late kill still lands mid-run
     guides = ["none", "assistant"]
     reference = evaluate(
         EvalConfig(split=str(split), out=str(tmp_path / "ref"), methods=["visionzip"], guides=guides, retentions=[0.125]),
@@ -177,11 +177,11 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path):
         assert code == -signal.SIGKILL, f"the run was not interrupted (exit {code}): {stderr}"
         assert not (out / "visionzip-assistant-r0.125" / "results.json").exists()
     done = len(_rows(out / "full-none-r1"))
-    assert 3 <= done < 5
+    assert 3 <= done < 8
     # as if the kill had landed mid-write as well
     torn = out / "visionzip-assistant-r0.125" / "predictions.jsonl"
     with open(torn, "a") as f:
-        f.write('{"index": 4, "id": 4, "pred')
+        f.write('{"index": 7, "id": 7, "pred')
     notes = []
     resumed = evaluate(
         EvalConfig(split=str(split), out=str(out), methods=["visionzip"], guides=guides, retentions=[0.125]),
@@ -191,7 +191,7 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path):
     assert _numbers(resumed) == _numbers(reference)
     for name in ("full-none-r1", "visionzip-none-r0.125", "visionzip-assistant-r0.125"):
         rows, ref = _rows(out / name), _rows(tmp_path / "ref" / name)
-        assert sorted(r["index"] for r in rows) == list(range(5)), f"{name}: every sample exactly once"
+        assert sorted(r["index"] for r in rows) == list(range(8)), f"{name}: every sample exactly once"
         assert [(r["prediction"], r["budgets"], r["needle_kept"]) for r in sorted(rows, key=lambda r: r["index"])] == [
             (r["prediction"], r["budgets"], r["needle_kept"]) for r in ref
         ]
