@@ -107,3 +107,10 @@ def test_without_shipped_weights_the_default_says_its_answers_are_meaningless(ca
     monkeypatch.setattr(toy, "ASSETS", tmp_path)
     record = run_json(capsys, "--max-new-tokens", "2")
     assert "meaningless" in record["note"] and record["guide"] == "self"
+
+
+def test_shipped_toy_models_are_named_like_folders(capsys):
+    record = run_json(capsys, "--model", "toy-llava-ov", "--assistant", "toy-llava-ov-assistant", "--guide", "assistant")
+    assert record["guide"] == "assistant" and record["model"] == "toy-llava-ov"
+    assert main(["run", "--model", "toy-qwen2.5-vl-nope"]) == 2  # not a shipped name, not a folder: one clear line
+    assert "no model at" in capsys.readouterr().err

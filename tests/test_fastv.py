@@ -173,12 +173,10 @@ def test_model_unchanged_after_calls_and_after_a_raise(model, tokenizer, pixels,
     with pytest.raises(KeyboardInterrupt), prepared.apply():
         raise KeyboardInterrupt
     assert_unchanged(model, before)
-    # and the model answers as an unmodified one afterwards
+    # and the model answers as an unmodified one afterwards: every position has its logits again
     full = prepare(model, tokenizer, pixels, Q, None)
     with torch.no_grad():
         logits = model(**full.inputs).logits
-    fresh = snapshot(model)
-    assert_unchanged(model, fresh)
     assert logits.shape[1] == full.inputs["input_ids"].shape[1]
 
 
@@ -356,3 +354,60 @@ def test_dytok_cap_and_floor_shape_fastvs_split(model, tokenizer, pixels, guide)
     plan = generate(model, tokenizer, pixels, Q, DyToK(FastV(0.25, layer=2), guide=guide, cap=6, floor=2), max_new_tokens=2).plan
     assert sum(plan.budgets) == 16 and all(2 <= b <= 6 for b in plan.budgets)
     assert plan.vision_retention == 1.0  # nothing is dropped before the LLM
+
+
+def eager_attentions(model, inputs):
+    """Every layer's full attention matrix from an eager forward (independent of vidtok's seam)."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_fastv_keeps_the_tokens_the_last_query_attends_most(model, tokenizer, pixels, layer):
+    """The choice itself, against eager attention: the last row at layer K-1, mean over heads, global top-k."""
+    result = generate(model, tokenizer, pixels, Q, FastV(0.25, layer=layer), max_new_tokens=1)
+    full = prepare(model, tokenizer, pixels, Q, None)
+    ids = full.inputs["input_ids"][0]
+    visual = (ids == model.config.video_token_id).nonzero().squeeze(1)[:-1]
+    scores = eager_attentions(model, full.inputs)[layer - 1][0, :, -1, visual].mean(0)
+    top = set(torch.sort(scores, descending=True, stable=True).indices[:16].tolist())
+    assert {f * 16 + i for f, kept in enumerate(result.plan.kept) for i in kept} == top
+
+
+def test_inline_weights_are_the_attention_below_layer_k(model, tokenizer, pixels):
+    """Inline frame weights from eager attention: the last row at each inline layer, renormalised over
+    the visual keys (the softmax over them alone), mean over heads, per frame, over layers."""
+    plan = generate(model, tokenizer, pixels, Q, DyToK(FastV(0.25, layer=2), guide="inline", layers=[0, 1]), max_new_tokens=1).plan
+    full = prepare(model, tokenizer, pixels, Q, None)
+    ids = full.inputs["input_ids"][0]
+    visual = (ids == model.config.video_token_id).nonzero().squeeze(1)[:-1]
+    attentions = eager_attentions(model, full.inputs)
+    per_layer = []
+    for layer in (0, 1):
+        rows = attentions[layer][0, :, -1, visual]
+        per_layer.append((rows / rows.sum(-1, keepdim=True)).mean(0).reshape(FRAMES, 16).mean(1))
+    expected = torch.stack(per_layer).mean(0)
+    expected = expected / expected.sum()
+    assert torch.allclose(torch.tensor(plan.frame_weights), expected, atol=1e-5)
+
+
+def test_dytok_retention_sets_what_fastv_keeps(model, tokenizer, pixels):
+    plan = generate(model, tokenizer, pixels, Q, DyToK(FastV(0.25, layer=1), retention=0.125, guide="inline"), max_new_tokens=1).plan
+    assert plan.retention == 0.125 and plan.total_budget == sum(plan.budgets) == 8
+
+
+def test_fastv_misuse_is_refused_before_any_work(model, tokenizer, pixels, monkeypatch):
+    import vidtok.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_guide_weights", lambda *a, **k: pytest.fail("the guide ran"))
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        generate(model, tokenizer, pixels, Q, FastV(0.25, layer=1), use_cache=False)
+    for method in (DyToK(FastV(0.25, layer=1), guide="inline", cap=2), DyToK(FastV(0.25, layer=1), guide="self", floor=5)):
+        with pytest.raises(ValueError, match="cap|floor"):
+            prepare(model, tokenizer, pixels, Q, method)
+    with pytest.raises(ValueError, match="guide_pool"):
+        DyToK(FastV(0.25), guide="inline", guide_pool=2)

@@ -126,7 +126,7 @@ def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: in
             if hidden.shape[1] != prompt_length:
                 raise RuntimeError(
                     f"FastV expects the {prompt_length}-token prompt in one forward, got {hidden.shape[1]} tokens; "
-                    "prefill the prepared inputs as they are (no chunked prefill, batch size 1)"
+                    "prefill the prepared inputs as they are, with the KV cache on (no chunked prefill, no use_cache=False, batch size 1)"
                 )
             state["keep"] = state["rows"] = choose().to(hidden.device)
             hidden = hidden.index_select(1, state["keep"])

@@ -14,13 +14,25 @@ class UsageError(ValueError):
     pass
 
 
+# shipped toy models, usable wherever a model folder is (a folder of that name in the working directory wins)
+SHIPPED = {"toy": "toy-main", "toy-assistant": "toy-assistant", "toy-llava-ov": "toy-main", "toy-llava-ov-assistant": "toy-assistant",
+           "toy-qwen2.5-vl": "toy-qwen2.5-vl", "toy-qwen2.5-vl-assistant": "toy-qwen2.5-vl-assistant"}
+
+
+def shipped_path(name) -> Path:
+    from .testbed.toy import ASSETS
+
+    path = Path(name)
+    return ASSETS / SHIPPED[str(name)] if str(name) in SHIPPED and not path.exists() else path
+
+
 def load_model(path):
-    """A saved checkpoint folder (config + safetensors + tokenizer files) -> (model, tokenizer)."""
+    """A saved checkpoint folder (config + safetensors + tokenizer files), or a shipped toy name -> (model, tokenizer)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     from .models import adapter_for, supported_model_types
 
-    path = Path(path)
+    path = shipped_path(path)
     if not (path / "config.json").is_file():
         raise UsageError(
             f"no model at {str(path)!r}: expected a folder with config.json, safetensors and tokenizer files "
@@ -222,11 +234,11 @@ def cmd_calibrate(args) -> int:
 
     records = read_split(args.split)[: args.limit]
     plot = figure_target(args.plot, "--plot")[0] if args.plot else None
-    folder = None if args.dry_run else Path(args.model or ASSETS / "toy-main")
+    folder = None if args.dry_run else (shipped_path(args.model) if args.model else ASSETS / "toy-main")
     if folder is not None and folder.is_dir():  # before loading (a missing folder is load_model's to name, not to create here)
         check_writable(folder)
     model, tokenizer = _load(args)[:2]
-    folder = None if args.dry_run else (args.model or model.name_or_path)
+    folder = None if args.dry_run else (shipped_path(args.model) if args.model else model.name_or_path)
     if folder is not None:
         check_writable(folder)
     result = calibrate(model, tokenizer, records, folder)

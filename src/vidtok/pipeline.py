@@ -284,10 +284,18 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     else:
         fastv.check_layer(adapter.num_layers)
         vision_budget = total_budget(encoder.retention, num_frames, per_frame)
-    llm_budget = vision_budget if fastv is None else total_budget(fastv.retention, 1, vision_budget)
+    # FastV alone: the share kept from layer K is the method's retention (DyToK's, which defaults to FastV's own)
+    llm_share = None if fastv is None else fastv.retention if isinstance(base, Composed) else retention
+    llm_budget = vision_budget if fastv is None else total_budget(llm_share, 1, vision_budget)
     dropping = llm_budget < vision_budget
     compressing = vision_budget < num_frames * per_frame
     inline = dytok is not None and dytok.guide_name == "inline"
+    if dytok is not None:  # an impossible cap or floor is refused now, not after the guide pass or inside the prefill
+        if compressing:
+            dytok.budgets([1.0] * num_frames, vision_budget, per_frame)
+        if dropping:
+            even = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
+            dytok.budgets([1.0] * num_frames, llm_budget, per_frame, available=even)
     guide, layers = None, None
     if inline:
         layers = _inline_layers(dytok, fastv, adapter.num_layers)
@@ -362,6 +370,8 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
     Batch size 1: one video, one question.
     """
     prepared = prepare(model, tokenizer, video, question, method, frames=frames, fps=fps)
+    if prepared.plan.layer is not None and generate_kwargs.get("use_cache") is False:
+        raise ValueError("FastV drops tokens from the KV cache of its layers: it needs use_cache=True (generate's default); drop use_cache=False")
     generate_kwargs.setdefault("max_new_tokens", 32)
     prompt_length = prepared.inputs["input_ids"].shape[1]
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)

@@ -52,6 +52,8 @@ class DyToK:
                 'guide="inline" reads the main model\'s attention in the LLM layers before FastV drops tokens; '
                 f"it needs FastV (or an encoder compressor composed with FastV), not {self.base.name}: use guide=\"self\" or an assistant"
             )
+        if self.guide == "inline" and self.guide_pool != 1:
+            raise ValueError("guide_pool shapes a separate guide pass; the inline prior reads the main prefill itself: use guide_pool=1")
         if self.base.side == "both" and self.retention != self.base.retention:
             raise ValueError(
                 f"a composed method's retention is its encoder's x FastV's ({self.base.retention:g}); "

@@ -150,16 +150,16 @@ class ModelArgs:
 
 
 def _is_toy_name(name) -> bool:
-    return str(name) in ("toy", "toy-assistant")
+    from ..cli import SHIPPED
+
+    return str(name) in SHIPPED
 
 
 def _load(name):
     from ..cli import UsageError, load_model
-    from ..testbed.toy import ASSETS
 
-    path = {"toy": ASSETS / "toy-main", "toy-assistant": ASSETS / "toy-assistant"}.get(str(name), name)
     try:
-        return load_model(path)
+        return load_model(name)
     except UsageError as error:
         raise ModelArgsError(str(error)) from None
 

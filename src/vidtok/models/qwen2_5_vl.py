@@ -134,8 +134,10 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         within the preprocessor's min/max pixels, bicubic), normalised with its mean/std, and an
         odd count is completed by repeating the last frame (as the model's processor does).
         """
-        if isinstance(video, QwenVideo):
-            return self._checked(video.pixels, video.seconds_per_frame, frames)
+        if isinstance(video, QwenVideo):  # already completed to whole groups: frames=5 gave 6
+            if frames is not None and video.shape[0] not in (frames, frames + (-frames % self.temporal)):
+                raise VideoError(f"the video has {video.shape[0]} frames, {frames} were asked for")
+            return self._checked(video.pixels, video.seconds_per_frame, None)
         check_frames(frames)
         seconds = SECONDS_PER_FRAME
         if isinstance(video, (str, os.PathLike)):
@@ -175,7 +177,7 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         if pixels.is_floating_point() and not torch.isfinite(pixels).all():
             bad = int((~torch.isfinite(pixels)).sum())
             raise VideoError(f"the pixel values hold {bad} NaN or infinite values; clean the frames (e.g. torch.nan_to_num) before calling")
-        if frames is not None and pixels.shape[0] not in (frames, frames + (-frames % self.temporal)):
+        if frames is not None and pixels.shape[0] != frames:
             raise VideoError(f"the video has {pixels.shape[0]} frames, {frames} were asked for")
         if pad := -pixels.shape[0] % self.temporal:  # the processor's rule: repeat the last frame
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
