@@ -62,6 +62,8 @@ def build_tokenizer(family: str = "llava_onevision"):
 
 # geometry name -> (vision width, vision depth, full-attention blocks, text width, text layers, heads, kv heads)
 QWEN_GEOMETRIES = {
+    "main": (96, 4, [1, 3], 128, 4, 4, 2),
+    "assistant": (96, 4, [1, 3], 64, 2, 2, 1),
     "test": (32, 4, [1, 3], 32, 3, 4, 2),
 }
 

@@ -10,6 +10,40 @@ the pooled tokens; then joint training with that loss kept and the vision tower 
 making the last prompt token name the queried colour after LLM layer 0; and a frame curriculum
 1 -> 2 -> 4 -> 8 -> 16, advancing at >= 0.9 train accuracy. The heads and the probe are
 training-only: they are not part of the saved model.
+
+The toy Qwen2.5-VL pair (`--family qwen2_5_vl`) follows the same recipe with the temporal group
+(two frames merged into one set of 4x4 LLM tokens) as the unit:
+
+    python -m vidtok.testbed.train --family qwen2_5_vl --geometry main --out src/vidtok/testbed/assets/toy-qwen2.5-vl
+    python -m vidtok.testbed.train --family qwen2_5_vl --geometry assistant \
+        --vision-from src/vidtok/testbed/assets/toy-qwen2.5-vl --out src/vidtok/testbed/assets/toy-qwen2.5-vl-assistant
+
+What differs, and why. A merged token covers one 16-px cell in *both* frames of its pair, so it
+often holds two objects, and the answer needs binding: the shape of the object whose colour was
+asked, not of its neighbour in the other frame.
+
+- Stage 1 trains the whole tower (patch embedding, windowed and full-attention blocks, merger)
+  on random frame pairs, with heads naming each frame's colour/shape per merged token (two
+  slots) and which (colour, shape) objects the token holds (multi-label).
+- Joint training freezes the whole tower, merger included: trained on the curriculum's first
+  stage (pairs of identical frames) it forgot distinct pairs. The assistant (`--vision-from`)
+  copies the main model's patch embedding and blocks and trains only its own merger (its
+  output is the assistant LLM's width) in stage 1.
+- The last prompt token's attention at LLM layer 1 (softmax over the visual keys, mean over
+  heads: what a DyToK guide reads) is pulled onto the queried needle's token (`--attend-layer`,
+  -1 for off). Without it, 2-frame accuracy crept from 0.6 to 0.8 in 2,500 steps, wrong on half
+  of the cells shared by two objects; with it, 0.93 in 700.
+- Curriculum 1 -> 2 -> 4 -> 8 -> 16 frames, a single frame completed to a pair by repeating it
+  (the adapter's rule for an odd count): one object per cell first. Starting at 2 frames stayed
+  at chance for 800 steps.
+- Pixels normalised with the CLIP mean/std vidtok's adapter uses, frames kept at 64 px (the
+  saved video_preprocessor_config.json says both); the LLM gets the 3-D positions vidtok
+  computes (the adapter's model_inputs) for frames 0.25 s apart, as a 16-frame synth mp4
+  (4 fps) is read.
+- One CPU thread by default (`--threads`): the encoder makes one attention call per window and
+  per temporal group, thousands of tiny calls that two threads on a loaded machine made ~5x
+  slower. `--minutes` is CPU time here, so a shared machine's load or a paused process does
+  not eat the budget.
 """
 
 from __future__ import annotations
@@ -24,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .synth import CELL, MASKS, RGB, make_sample
-from .toy import COLOURS, SHAPES, build_tokenizer, build_toy_model
+from .toy import COLOURS, SHAPES, build_qwen_toy_model, build_tokenizer, build_toy_model
 from ..video import preprocess
 
 
@@ -147,20 +181,365 @@ def train_joint(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum,
     return history
 
 
+# Qwen2.5-VL ---------------------------------------------------------------------------------
+
+QWEN_SIZE = 64  # frames are used as they are: min = max pixels = 64 x 64
+QWEN_SECONDS_PER_FRAME = 0.25  # 16 frames read from a 16-frame mp4 written at 4 fps (synth.write_split)
+
+
+def _qwen_normalisation():
+    from ..models.qwen2_5_vl import CLIP_MEAN, CLIP_STD
+
+    return CLIP_MEAN, CLIP_STD
+
+
+def qwen_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> [..., 3, H, W] scaled to [0, 1] and normalised as the saved preprocessor config says."""
+    mean, std = _qwen_normalisation()
+    x = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 255.0
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def qwen_preprocessor_config(patch: int = 8, merge: int = 2, temporal: int = 2) -> dict:
+    mean, std = _qwen_normalisation()
+    return {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": QWEN_SIZE * QWEN_SIZE, "longest_edge": QWEN_SIZE * QWEN_SIZE},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "do_convert_rgb": True,
+        "patch_size": patch,
+        "temporal_patch_size": temporal,
+        "merge_size": merge,
+    }
+
+
+class QwenAuxHeads(AuxHeads):
+    """Per merged token, two slots (the pair's first and second frame): colour/none and shape/none;
+    and which (colour, shape) objects the token holds, in either frame (multi-label), so a token
+    says "red circle" whichever frame of the pair it is in."""
+
+    def __init__(self, width: int, slots: int = 2):
+        super().__init__(width)
+        self.slots = slots
+        self.colour = torch.nn.Linear(width, slots * (len(COLOURS) + 1))
+        self.shape = torch.nn.Linear(width, slots * (len(SHAPES) + 1))
+        self.pairs = torch.nn.Linear(width, len(COLOURS) * len(SHAPES))
+        self.answer = torch.nn.Linear(width, len(SHAPES))
+
+    def logits(self, tokens):
+        return (self.colour(tokens).unflatten(-1, (self.slots, -1)), self.shape(tokens).unflatten(-1, (self.slots, -1)))
+
+    def token_loss(self, tokens, colour_labels, shape_labels):
+        colour, shape = self.logits(tokens)
+        present = colour_labels > 0
+        index = (colour_labels - 1).clamp(min=0) * len(SHAPES) + (shape_labels - 1).clamp(min=0)
+        pairs = torch.zeros(*index.shape[:-1], len(COLOURS) * len(SHAPES))
+        pairs.scatter_add_(-1, index, present.float())
+        return F.cross_entropy(colour.flatten(0, -2), colour_labels.flatten()) + F.cross_entropy(
+            shape.flatten(0, -2), shape_labels.flatten()
+        ) + F.binary_cross_entropy_with_logits(self.pairs(tokens), pairs.clamp(max=1))
+
+
+def _pair_labels(labels: torch.Tensor, temporal: int = 2) -> torch.Tensor:
+    """Per-frame cell labels [B, F, cells] -> per merged token [B, F/temporal * cells, temporal]."""
+    b, f, cells = labels.shape
+    return labels.reshape(b, f // temporal, temporal, cells).transpose(2, 3).reshape(b, f // temporal * cells, temporal)
+
+
+def _qwen_tokens(model, adapter, pixels: torch.Tensor, seconds: float) -> torch.Tensor:
+    """Normalised pixels [B, F, 3, S, S] -> the merger's LLM tokens [B, F/2 * T, D], each video as
+    adapter.encode_video gives it (the encoder attends within one temporal group at a time)."""
+    from ..models.qwen2_5_vl import QwenVideo
+
+    videos = [adapter.pixels(QwenVideo(p, seconds)) for p in pixels]
+    grids = torch.tensor([list(adapter._grid(v)) for v in videos])
+    patches = torch.cat([adapter._patchify(v) for v in videos])
+    out = model.model.get_video_features(patches, video_grid_thw=grids, return_dict=True).pooler_output
+    return torch.stack(list(out))
+
+
+def train_vision_qwen(model, heads, steps, batch, lr, rng, log, merger_only=False):
+    """Stage 1 on random frame pairs: the whole tower, or only the merger (the blocks copied from another model)."""
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    visual = model.model.visual
+    params = list((visual.merger if merger_only else visual).parameters())
+    if merger_only:
+        visual.requires_grad_(False)
+        visual.merger.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params + list(heads.parameters()), lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        images, colours, shapes = random_frames(rng, 2 * batch, QWEN_SIZE)
+        pixels = qwen_pixels(images).reshape(batch, 2, 3, QWEN_SIZE, QWEN_SIZE)
+        colours, shapes = _pair_labels(colours.reshape(batch, 2, -1)), _pair_labels(shapes.reshape(batch, 2, -1))
+        tokens = _qwen_tokens(model, adapter, pixels, QWEN_SECONDS_PER_FRAME)
+        loss = heads.token_loss(tokens, colours, shapes)
+        _schedule(optimizer, step, lr)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            colour_logits, shape_logits = heads.logits(tokens)
+            accuracy = (colour_logits.argmax(-1) == colours).float().mean().item()
+            shape_accuracy = (shape_logits.argmax(-1) == shapes).float().mean().item()
+            log(f"vision step {step} loss {loss.item():.3f} colour-acc {accuracy:.3f} shape-acc {shape_accuracy:.3f}")
+
+
+def _qwen_batch(rng, frames, batch, tokenizer, adapter):
+    samples = [make_sample(rng, frames=frames, needles=min(2, frames)) for _ in range(batch)]
+    pad = -frames % adapter.temporal  # an odd count is completed by repeating the last frame, as the adapter does
+    video = np.stack([s.frames for s in samples])
+    labels = torch.from_numpy(np.stack([s.labels for s in samples]))  # [B, F, cells, 2]
+    if pad:
+        video = np.concatenate([video, np.repeat(video[:, -1:], pad, axis=1)], axis=1)
+        labels = torch.cat([labels, labels[:, -1:].expand(-1, pad, -1, -1)], dim=1)
+    tokens = (frames + pad) // adapter.temporal * (QWEN_SIZE // adapter.factor) ** 2
+    prompt = [adapter.input_ids(tokenizer, s.question, tokens)[0] for s in samples]
+    vocab = tokenizer.get_vocab()
+    answers = torch.tensor([vocab[s.answer] for s in samples])
+    eos = torch.full((batch, 1), tokenizer.eos_token_id)
+    input_ids = torch.cat([torch.stack(prompt), answers[:, None], eos], dim=1)
+    pixels = qwen_pixels(video)
+    colour = torch.tensor([COLOURS.index(s.question.split()[-2]) for s in samples])
+    colour_labels, shape_labels = _pair_labels(labels[..., 0]), _pair_labels(labels[..., 1])
+    return input_ids, pixels, answers, colour, colour_labels, shape_labels
+
+
+def _qwen_layout(adapter, pixels, seconds):
+    """The encoded video's layout (grid and time scale) as adapter.encode_video reports it, for one sample's pixels."""
+    from ..models.qwen2_5_vl import QwenVideo
+
+    with torch.no_grad():
+        return adapter.encode_video(adapter.pixels(QwenVideo(pixels, seconds)))
+
+
+def train_joint_qwen(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum, advance_at, deadline, answer_layer=None,
+                     attend_layer=None, anneal=0):
+    """The joint stage; with `anneal`, it ends once the last frame count reaches `advance_at` (or the
+    time or step budget is spent), and that many more steps follow at the last frame count with
+    the learning rate falling linearly to 0: at a constant 3e-3 the main model spiked from 0.98 to
+    0.74 train accuracy after 1,250 steps at 16 frames and ran out of time recovering."""
+    from .._seam import observe_attention
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    model.model.visual.requires_grad_(False)  # merger included: trained on pairs of identical frames it would forget distinct ones
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    level, recent, history, layouts, annealing = 0, [], [], {}, None
+    for step in range(steps + anneal):
+        frames = curriculum[level]
+        input_ids, pixels, answers, colour, colour_labels, shape_labels = _qwen_batch(rng, frames, batch, tokenizer, adapter)
+        if frames not in layouts:
+            layouts[frames] = _qwen_layout(adapter, pixels[0], QWEN_SECONDS_PER_FRAME)
+        with torch.no_grad():
+            video = _qwen_tokens(model, adapter, pixels, QWEN_SECONDS_PER_FRAME)  # [B, N, D]
+        # the positions vidtok gives this prompt at inference (the same for every sample of a batch:
+        # one question length, one layout); the answer and end tokens continue the text after the video
+        per_sample = [adapter.model_inputs(ids[None], v, layouts[frames]) for ids, v in zip(input_ids, video)]
+        inputs = dict(per_sample[0])
+        inputs["input_ids"] = input_ids
+        inputs["attention_mask"] = torch.ones_like(input_ids)
+        inputs["position_ids"] = torch.cat([p["position_ids"] for p in per_sample], dim=1)
+        inputs["mm_encoder_outputs"]["video"].pooler_output = (video.flatten(0, 1),)
+        last = input_ids.shape[1] - 3  # the last prompt token predicts the answer
+        attention = {}
+        if attend_layer is None:
+            out = model(**inputs, output_hidden_states=True, use_cache=False)
+        else:
+            def observe(module, query, key, scaling, **_):
+                # the last prompt token's attention to the visual keys (softmax over them only, mean
+                # over heads): what a guide reads; kept with its gradient
+                k = key[:, :, visual].repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+                attention["probs"] = (torch.einsum("bhd,bhnd->bhn", query[:, :, last], k) * scaling).softmax(-1).mean(1)
+
+            visual = (input_ids[0] == adapter.video_token_id).nonzero().squeeze(1)
+            with observe_attention(model, ["text_config"], {adapter.decoder_layers[attend_layer].self_attn: observe}):
+                out = model(**inputs, output_hidden_states=True, use_cache=False)
+        answer_loss = F.cross_entropy(out.logits[:, last], answers) + F.cross_entropy(
+            out.logits[:, last + 1], input_ids[:, -1]
+        )
+        probe_loss = F.cross_entropy(heads.probe(out.hidden_states[1][:, last]), colour)
+        if answer_layer is not None:  # deep supervision: the answer's shape, read after LLM layer `answer_layer`
+            shapes = torch.tensor([SHAPES.index(tokenizer.convert_ids_to_tokens(int(a))) for a in answers])
+            probe_loss = probe_loss + F.cross_entropy(heads.answer(out.hidden_states[answer_layer + 1][:, last]), shapes)
+        aux_loss = heads.token_loss(video, colour_labels, shape_labels)
+        if attention:  # the queried needle's token (its colour is the video's only one of that colour)
+            needle = (colour_labels == colour[:, None, None] + 1).any(-1).float()
+            probe_loss = probe_loss - (attention["probs"] * needle).sum(-1).clamp(min=1e-6).log().mean()
+        loss = answer_loss + 0.5 * probe_loss + 0.5 * aux_loss
+        if annealing is None:
+            _schedule(optimizer, step, lr)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1 - (step - annealing) / anneal)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        recent = (recent + [(out.logits[:, last].argmax(-1) == answers).float().mean().item()])[-20:]
+        accuracy = sum(recent) / len(recent)
+        history.append({"step": step, "frames": frames, "loss": loss.item(), "accuracy": accuracy,
+                        "lr": optimizer.param_groups[0]["lr"]})
+        if step % 25 == 0:
+            log(f"joint step {step} frames {frames} loss {loss.item():.3f} (answer {answer_loss.item():.3f} "
+                f"probe {probe_loss.item():.3f} aux {aux_loss.item():.3f}) acc {accuracy:.3f}")
+        if annealing is not None:
+            if step + 1 - annealing >= anneal:
+                log(f"step {step}: annealed, {accuracy:.3f} at {frames} frames")
+                break
+            continue
+        finished = None
+        if len(recent) == 20 and accuracy >= advance_at:
+            if level + 1 < len(curriculum):
+                level, recent = level + 1, []
+                log(f"step {step}: curriculum -> {curriculum[level]} frames")
+            elif anneal or accuracy >= 0.99:  # annealing starts once the last frame count is learnt
+                finished = f"{accuracy:.3f} at {frames} frames, done"
+        if finished is None and time.process_time() > deadline:
+            finished = "time budget spent"
+        if finished is None and step + 1 >= steps:
+            finished = "step limit"
+        if finished is not None:
+            if not anneal:
+                log(f"step {step}: {finished}")
+                break
+            annealing, level = step + 1, len(curriculum) - 1
+            log(f"step {step}: {finished}; annealing the learning rate to 0 over {anneal} steps at {curriculum[level]} frames")
+    return history
+
+
+def main_qwen(args):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "training.log", "w")
+
+    def log(message):
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    torch.set_num_threads(args.threads or 1)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = build_qwen_toy_model(args.geometry, seed=args.seed).train()
+    tokenizer = build_tokenizer("qwen2_5_vl")
+    heads = QwenAuxHeads(model.config.text_config.hidden_size, slots=model.config.vision_config.temporal_patch_size)
+    start, cpu_start = time.monotonic(), time.process_time()
+    if args.vision_from:
+        # the donor's patch embedding and blocks; the merger (whose output is this LLM's width) is trained below
+        donor = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.vision_from)
+        for name in ("patch_embed", "blocks"):
+            getattr(model.model.visual, name).load_state_dict(getattr(donor.model.visual, name).state_dict())
+        del donor
+        log(f"vision tower (patch embedding, blocks) from {args.vision_from}; stage 1 trains the merger only")
+    train_vision_qwen(model, heads, args.vision_steps, args.batch, args.lr, rng, log, merger_only=bool(args.vision_from))
+    curriculum = [int(x) for x in args.curriculum.split(",")]
+    history = train_joint_qwen(
+        model, heads, tokenizer, args.steps, args.batch, args.lr, rng, log, curriculum, args.advance_at,
+        attend_layer=None if args.attend_layer < 0 else args.attend_layer, anneal=args.anneal, answer_layer=args.answer_probe,
+        deadline=time.process_time() + 60 * args.minutes,  # CPU time: a shared machine's load and pauses do not count
+    )
+    model.eval()
+    seconds, cpu_seconds = time.monotonic() - start, time.process_time() - cpu_start
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    vision = model.config.vision_config
+    preprocessor = qwen_preprocessor_config(vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps({"args": vars(args), "seconds": seconds, "cpu_seconds": cpu_seconds,
+                                                   "history": history[-50:]}, indent=1))
+    (out / "README.md").write_text(_qwen_card(args, history, seconds, cpu_seconds))
+    log(f"saved to {out} after {time.monotonic() - start:.0f} s")
+    log_file.close()
+
+
+def _qwen_card(args, history, seconds, cpu_seconds=None) -> str:
+    final = history[-1] if history else {}
+    cpu = "" if cpu_seconds is None else f" ({cpu_seconds / 60:.1f} CPU minutes, {args.threads or 1} thread(s))"
+    command = f"python -m vidtok.testbed.train --family qwen2_5_vl --geometry {args.geometry} --out {args.out}"
+    for flag, value, default in (("--seed", args.seed, 0), ("--vision-from", args.vision_from, None), ("--minutes", args.minutes, 25.0),
+                                 ("--steps", args.steps, 8000), ("--vision-steps", args.vision_steps, 300),
+                                 ("--anneal", args.anneal, 1000), ("--attend-layer", args.attend_layer, 1),
+                                 ("--curriculum", args.curriculum, "1,2,4,8,16"), ("--lr", args.lr, 3e-3), ("--batch", args.batch, 32)):
+        if value != default:
+            command += f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}"
+    vision = (
+        "patch embedding and blocks copied from the main model (frozen); only its merger was trained here, in stage 1"
+        if args.vision_from else "vision tower trained from scratch here (stage 1), then frozen"
+    )
+    attend = "" if args.attend_layer < 0 else (
+        f"\n- The last prompt token's attention at LLM layer {args.attend_layer} (softmax over the visual keys, mean over heads)"
+        "\n  was pulled onto the queried needle's token during training."
+    )
+    return f"""# vidtok toy Qwen2.5-VL model ({args.geometry})
+
+A Qwen2.5-VL-architecture model (`Qwen2_5_VLForConditionalGeneration`: windowed ViT with
+full-attention blocks, 2x2 patch merger, Qwen2 LLM with 3-D rotary positions) trained from
+scratch on vidtok's synthetic needle task ("what shape is <colour> ?", 16 frames of 64 px).
+8-px patches, temporal patch 2, 2x2 merge: each pair of frames (a temporal group) is 4x4 = 16
+LLM tokens, one per 16-px object cell. It is a testbed for token compression, not a general
+video model.
+
+- Command: `{command}`
+- Trained {seconds / 60:.1f} minutes{cpu}; last train accuracy {final.get('accuracy', float('nan')):.3f} at {final.get('frames')} frames;
+  {vision}.
+- Input: frames kept at 64 px (`video_preprocessor_config.json`: min = max pixels = 4096),
+  scaled to [0, 1] and normalised with the CLIP mean/std; positions as vidtok computes them for
+  frames 0.25 s apart (a 16-frame synth mp4 at 4 fps).
+- Training used auxiliary heads that are **not** part of this checkpoint: per merged token,
+  colour/shape classifiers for each frame of its pair and the (colour, shape) objects it holds,
+  and a probe asking the last prompt token to name the queried colour after LLM layer 0.{attend}
+"""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to save the model, tokenizer and card to")
+    parser.add_argument("--family", default="llava_onevision", choices=["llava_onevision", "qwen2_5_vl"], help="model family")
     parser.add_argument("--geometry", default="main", help="toy geometry: main, assistant or test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vision-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=3000, help="max joint steps")
-    parser.add_argument("--minutes", type=float, default=15.0, help="time budget of the joint stage")
-    parser.add_argument("--curriculum", default="1,2,4,8,16")
+    parser.add_argument("--steps", type=int, default=None, help="max joint steps (default 3000; Qwen 8000)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="time budget of the joint stage (default 15; Qwen 25 CPU minutes, before annealing)")
+    parser.add_argument("--curriculum", default=None, help="frame counts, comma-separated (default 1,2,4,8,16)")
     parser.add_argument("--advance-at", type=float, default=0.9)
-    parser.add_argument("--vision-from", help="copy (and freeze) the vision tower of this saved toy model instead of stage 1")
+    parser.add_argument("--vision-from", help="copy (and freeze) the vision tower of this saved toy model instead of stage 1 "
+                                              "(Qwen: its patch embedding and blocks; stage 1 then trains only the merger)")
+    parser.add_argument("--answer-probe", type=int, default=None,
+                        help="Qwen: also probe the answer's shape after this LLM layer (deep supervision; it did not speed up binding)")
+    parser.add_argument("--attend-layer", type=int, default=1,
+                        help="Qwen: supervise the last prompt token's attention at this LLM layer to the needle's token "
+                             "(-1: off)")
+    parser.add_argument("--anneal", type=int, default=None,
+                        help="Qwen: after the joint stage, this many steps at the last frame count with the learning rate "
+                             "falling to 0 (default 1000)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (Qwen default 1: its encoder makes thousands of tiny attention calls, "
+                             "which more threads slow down)")
     args = parser.parse_args(argv)
+    qwen = args.family == "qwen2_5_vl"
+    for name, llava, qwen_default in (("curriculum", "1,2,4,8,16", "1,2,4,8,16"), ("steps", 3000, 8000), ("minutes", 15.0, 25.0),
+                                      ("anneal", None, 1000)):
+        if getattr(args, name) is None:
+            setattr(args, name, qwen_default if qwen else llava)
+    if not qwen and args.anneal is not None:
+        parser.error("--anneal is for --family qwen2_5_vl")
+    if args.family == "qwen2_5_vl":
+        return main_qwen(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
