@@ -14,3 +14,7 @@ vidtok eval data/test16 --out benchmarks/results/eval-test16 --quiet --overwrite
 vidtok synth data/hard32 --count 100 --seed 3 --frames 32 --needles 3
 vidtok eval data/hard32 --out benchmarks/results/eval-hard32 --methods visionzip --retentions 0.03125,0.0625,0.125,0.25 --quiet --overwrite
 vidtok viz --retention 0.125 --out benchmarks/results/viz-sample.png
+# the second family: the toy Qwen2.5-VL pair (weights: python -m vidtok.testbed.train --family qwen2_5_vl, README)
+vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-qwen2.5-vl --plot benchmarks/results/prior-toy-qwen2.5-vl.png
+vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-qwen2.5-vl-assistant --plot benchmarks/results/prior-toy-qwen2.5-vl-assistant.png
+vidtok eval data/test16 --model toy-qwen2.5-vl --assistant toy-qwen2.5-vl-assistant --methods visionzip,fastv --guides none,self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-test16-qwen2.5-vl --quiet --overwrite
