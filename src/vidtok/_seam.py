@@ -98,6 +98,16 @@ def _cut(kwargs: dict, rows: torch.Tensor | None, columns: Callable[[int], torch
     return out
 
 
+def _unfilled(cache, index: int) -> bool:
+    """Whether layer `index` of the cache has seen no token yet. A linear-attention (recurrent)
+    layer has no sequence length to read (transformers raises for one), only a state flag."""
+    layers = getattr(cache, "layers", None) or []
+    layer = layers[index] if index < len(layers) else None
+    if layer is not None and hasattr(layer, "has_previous_state"):
+        return not any(layer.has_previous_state.values())
+    return cache.get_seq_length(index) == 0
+
+
 @contextmanager
 def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: int, choose: Callable[[], torch.Tensor]) -> Iterator[None]:
     """Within the block, decoder layers `start`.. run on the prompt positions `choose()` returns only.
@@ -122,7 +132,7 @@ def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: in
         if cache is not None and type(cache).__name__ != "DynamicCache":
             # a static or quantised cache places tokens by position: it cannot hold a shorter sequence per layer
             raise RuntimeError(f"FastV needs transformers' DynamicCache (generate's default), got {type(cache).__name__}")
-        if cache is None or cache.get_seq_length(start) == 0:  # a prefill
+        if cache is None or _unfilled(cache, start):  # a prefill
             if hidden.shape[1] != prompt_length:
                 raise RuntimeError(
                     f"FastV expects the {prompt_length}-token prompt in one forward, got {hidden.shape[1]} tokens; "

@@ -17,7 +17,7 @@ from ._seam import drop_tokens, observe_attention
 from .budget import allocate_budgets, total_budget
 from .compressors import Composed, Compressor, DyToK, FastV, Full
 from .compressors.fastv import fastv_keep
-from .importance import frame_weights, last_token_attention, last_token_attention_all_keys, parse_layers
+from .importance import frame_weights, last_token_attention, last_token_attention_all_keys
 from .models import adapter_for
 
 
@@ -115,8 +115,9 @@ def _stages(base: Compressor) -> tuple[Compressor, FastV | None]:
     return base, None
 
 
-def _inline_layers(dytok: DyToK, fastv: FastV, num_layers: int) -> list[int]:
-    layers = parse_layers(range(fastv.layer) if dytok.layers is None else dytok.layers, num_layers)
+def _inline_layers(dytok: DyToK, fastv: FastV, adapter) -> list[int]:
+    below = [layer for layer in adapter.attention_layers if layer < fastv.layer]  # default: every attention layer below K
+    layers = adapter.guide_layers(below if dytok.layers is None else dytok.layers)
     if max(layers) >= fastv.layer:
         raise ValueError(
             f"the inline prior reads layers {layers}, but FastV drops tokens from layer {fastv.layer} on: "
@@ -225,7 +226,7 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         features = encoded.features
         if dytok.guide_pool > 1:
             features = guide.pool_frames(features, dytok.guide_pool)
-        ids = guide.input_ids(tokenizer, question, frames * features.shape[1] + encoded.newline.shape[0])
+        ids = guide.prompt_ids(tokenizer, question, [features.shape[1]] * frames, pixels)
         _check_length(guide, ids, "guide")
         embeds = torch.cat([features.flatten(0, 1), encoded.newline])
         return frame_weights(guide.token_attention(ids, embeds, layers, encoded), frames)
@@ -283,6 +284,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         vision_budget = total_budget(retention, num_frames, per_frame)
     else:
         fastv.check_layer(adapter.num_layers)
+        adapter.check_drop_layer(fastv.layer)
         vision_budget = total_budget(encoder.retention, num_frames, per_frame)
     # FastV alone: the share kept from layer K is the method's retention (DyToK's, which defaults to FastV's own)
     llm_share = None if fastv is None else fastv.retention if isinstance(base, Composed) else retention
@@ -298,10 +300,10 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
             dytok.budgets([1.0] * num_frames, llm_budget, per_frame, available=even)
     guide, layers = None, None
     if inline:
-        layers = _inline_layers(dytok, fastv, adapter.num_layers)
+        layers = _inline_layers(dytok, fastv, adapter)
     elif dytok is not None:  # check the guide and its layers before any work
         guide = _guide_adapter(dytok, adapter)
-        layers = parse_layers(dytok.layers, guide.num_layers)
+        layers = guide.guide_layers(dytok.layers)
 
     with timer("vision"):
         encoded = adapter.encode_video(pixels, signals=compressing and encoder.needs_vision_signals)
@@ -316,14 +318,18 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         vision_budgets = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
 
     with timer("compress"):
-        if compressing:
-            tokens, kept = encoder.compress(features, vision_budgets, encoded.signals)
+        widths = [features.shape[-1]] + [c.shape[-1] for c in encoded.companions]
+        if compressing:  # companions (DeepStack) ride along as extra channels: the same tokens, merged the same way
+            stacked = torch.cat([features, *encoded.companions], dim=-1) if encoded.companions else features
+            tokens, kept = encoder.compress(stacked, vision_budgets, encoded.signals)
+            tokens, *companions = tokens.split(widths, dim=-1)
         else:
             tokens, kept = features.flatten(0, 1), [list(range(per_frame)) for _ in range(num_frames)]
+            companions = [c.flatten(0, 1) for c in encoded.companions]
         video_embeds = torch.cat([tokens, newline])
-        input_ids = adapter.input_ids(tokenizer, question, video_embeds.shape[0])
+        input_ids = adapter.prompt_ids(tokenizer, question, [len(k) for k in kept], pixels)
         _check_length(adapter, input_ids, "model")
-        inputs = adapter.model_inputs(input_ids, video_embeds, encoded, kept)
+        inputs = adapter.model_inputs(input_ids, video_embeds, encoded, kept, companions)
 
     plan = Plan(
         method=base.label,
@@ -394,11 +400,13 @@ def fastv_retention_for_flops(model, tokenizer, question: str, video, layer: int
     _check_question(tokenizer, question)
     adapter = adapter_for(model)
     FastV(retention=1.0, layer=layer).check_layer(adapter.num_layers)
+    adapter.check_drop_layer(layer)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise ValueError(f"a FLOPs share must be in (0, 1], got {share!r}")
-    units, per_unit = adapter.video_shape(adapter.pixels(video, frames))
+    pixels = adapter.pixels(video, frames)
+    units, per_unit = adapter.video_shape(pixels)
     visual = units * per_unit
-    prompt = adapter.input_ids(tokenizer, question, visual + adapter.trailing_tokens).shape[1]
+    prompt = adapter.prompt_ids(tokenizer, question, [per_unit] * units, pixels).shape[1]
     keep = flops.fastv_keep_for_flops(adapter.model.config.get_text_config(), prompt - visual, visual, layer, share)
     if keep < 1:
         raise ValueError(f"a FLOPs share of {share:g} leaves FastV no visual token at layer {layer}; raise the share or use an earlier --layer")

@@ -48,6 +48,20 @@ def read_clip(path: str | os.PathLike, frames: int | None = None, fps: float | N
     """Frames sampled uniformly, either a fixed count or `fps` per second of video (at least 1, at
     most every frame), and the seconds between two sampled frames (0.5, 2 fps, when the file
     states no frame rate): uint8 [F, H, W, 3], seconds."""
+    decoded, indices, rate = _sample_clip(path, frames, fps, default)
+    count = len(indices)
+    spacing = (indices[-1] - indices[0]) / (count - 1) / rate if count > 1 and rate else (1 / rate if rate else 0.5)
+    return decoded, spacing
+
+
+def read_clip_times(path: str | os.PathLike, frames: int | None = None, fps: float | None = None, default: int = 32) -> tuple[np.ndarray, list[float]]:
+    """As read_clip, with each sampled frame's time in seconds (its index / the frame rate; 2 fps
+    when the file states no rate): what a timestamped layout (Qwen3-VL) prints before each group."""
+    decoded, indices, rate = _sample_clip(path, frames, fps, default)
+    return decoded, [i / rate if rate else i * 0.5 for i in indices]
+
+
+def _sample_clip(path, frames, fps, default) -> tuple[np.ndarray, list[int], float]:
     path = os.fspath(path)
     total, rate = _stream_info(path)
     if fps is not None:
@@ -61,8 +75,7 @@ def read_clip(path: str | os.PathLike, frames: int | None = None, fps: float | N
     count = default if frames is None else frames
     decoded = read_frames(path, count)
     indices = sample_indices(total, count) if total >= count else list(range(count))
-    spacing = (indices[-1] - indices[0]) / (count - 1) / rate if count > 1 and rate else (1 / rate if rate else 0.5)
-    return decoded, spacing
+    return decoded, indices, rate
 
 
 def read_frames(path: str | os.PathLike, frames: int) -> np.ndarray:

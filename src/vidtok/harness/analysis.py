@@ -21,20 +21,20 @@ from ..importance import frame_weights
 
 @torch.no_grad()
 def layer_frame_weights(model, tokenizer, records) -> list[torch.Tensor]:
-    """[layers, F] frame weights per record, every layer of the model as guide."""
+    """[layers, F] frame weights per record, every attention layer of the model as guide (in order)."""
     from ..models import adapter_for
 
     adapter = adapter_for(model)
-    every = list(range(adapter.num_layers))
+    every = adapter.attention_layers
     out = []
     for record in records:
         pixels = adapter.pixels(record["video"], record.get("frames"))
         _check_needle(record, pixels.shape[0])
         encoded = adapter.encode_video(pixels)
         features, newline = encoded.features, encoded.newline
-        ids = adapter.input_ids(tokenizer, record["question"], features.shape[0] * features.shape[1] + newline.shape[0])
+        ids = adapter.prompt_ids(tokenizer, record["question"], [features.shape[1]] * features.shape[0], pixels)
         tokens = adapter.token_attention(ids, torch.cat([features.flatten(0, 1), newline]), every, encoded)
-        out.append(torch.stack([frame_weights(tokens[i : i + 1], features.shape[0]) for i in every]))
+        out.append(torch.stack([frame_weights(tokens[i : i + 1], features.shape[0]) for i in range(len(every))]))
     return out
 
 
@@ -48,8 +48,9 @@ def _check_needle(record, frames: int | None) -> None:
         raise ValueError(f"{name} ({record['video']}): needle_frame {target!r} is {where}; fix the record or drop it from the split")
 
 
-def prior_report(weights: list[torch.Tensor], records) -> dict:
+def prior_report(weights: list[torch.Tensor], records, layer_ids=None) -> dict:
     layers = weights[0].shape[0]
+    layer_ids = list(range(layers)) if layer_ids is None else layer_ids
     report = {"layers": [], "samples": len(records)}
     for layer in range(layers):
         mass = hit = outlier = uniform = 0.0
@@ -61,13 +62,15 @@ def prior_report(weights: list[torch.Tensor], records) -> dict:
             uniform += 1.0 / row.numel()
         n = len(records)
         report["layers"].append(
-            {"layer": layer, "needle_mass": mass / n, "uniform_share": uniform / n, "argmax_hit_rate": hit / n, "first_last_share": outlier / n}
+            {"layer": layer_ids[layer], "needle_mass": mass / n, "uniform_share": uniform / n, "argmax_hit_rate": hit / n, "first_last_share": outlier / n}
         )
     return report
 
 
-def best_range(weights: list[torch.Tensor], records) -> tuple[list[int], dict]:
+def best_range(weights: list[torch.Tensor], records, layer_ids=None) -> tuple[list[int], dict]:
+    """The run of consecutive (attention) layers whose averaged prior puts the most mass on the needle."""
     layers = weights[0].shape[0]
+    layer_ids = list(range(layers)) if layer_ids is None else layer_ids
     scores = {}
     for a in range(layers):
         for b in range(a, layers):
@@ -75,10 +78,10 @@ def best_range(weights: list[torch.Tensor], records) -> tuple[list[int], dict]:
             for w, record in zip(weights, records):
                 avg = w[a : b + 1].mean(0)
                 total += float(avg[record["needle_frame"]] / avg.sum())
-            scores[f"{a}-{b}"] = total / len(records)
+            scores[f"{layer_ids[a]}-{layer_ids[b]}"] = total / len(records)
     best = max(scores, key=lambda k: (round(scores[k], 6), -int(k.split("-")[0])))
-    a, b = map(int, best.split("-"))
-    return list(range(a, b + 1)), scores
+    a, b = (layer_ids.index(int(x)) for x in best.split("-"))
+    return layer_ids[a : b + 1], scores
 
 
 def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> dict:
@@ -92,10 +95,12 @@ def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> di
     weights = layer_frame_weights(model, tokenizer, records)
     from ..models import adapter_for
 
-    per_unit = adapter_for(model).frames_per_unit  # weights are per unit: a temporal group holds frames 2g, 2g + 1 (Qwen-VL)
+    adapter = adapter_for(model)
+    per_unit = adapter.frames_per_unit  # weights are per unit: a temporal group holds frames 2g, 2g + 1 (Qwen-VL)
     records = [{**r, "needle_frame": r["needle_frame"] // per_unit} for r in records]
-    layers, scores = best_range(weights, records)
-    result = {"guide_layers": layers, "range_scores": scores, "prior": prior_report(weights, records)}
+    ids = adapter.attention_layers
+    layers, scores = best_range(weights, records, ids)
+    result = {"guide_layers": layers, "range_scores": scores, "prior": prior_report(weights, records, ids)}
     if folder is not None:
         Path(folder, CALIBRATION_FILE).write_text(json.dumps(result, indent=1))
     return result

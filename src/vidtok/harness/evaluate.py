@@ -299,7 +299,6 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     from tqdm.auto import tqdm
 
     from ..compressors import build_method
-    from ..importance import parse_layers
     from ..models import adapter_for
     from ..pipeline import generate
     from ..testbed.synth import read_split
@@ -324,9 +323,10 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
         layers = config.layers if config.layers is not None else default_guide_layers(guide, model, assistant, config.layer)
         methods[run] = build_method(method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed,
                                     guide_pool=pool, layer=config.layer)
-        if guide == "inline" and layers is None:
-            layers = range(config.layer)  # every layer below FastV's
-        resolved = parse_layers(layers, adapter_for(guide_model).num_layers) if guide != "none" else None
+        guide_adapter = adapter_for(guide_model)
+        if guide == "inline" and layers is None:  # every attention layer below FastV's
+            layers = [layer for layer in guide_adapter.attention_layers if layer < config.layer]
+        resolved = guide_adapter.guide_layers(layers) if guide != "none" else None
         identity = run_identity(run, methods[run], config, split_sha256, model_id, tokenizer_id, assistant_id, resolved)
         states[run] = _Run(root / run_name(*run), identity)
 

@@ -174,7 +174,6 @@ def _check_fits(args: ModelArgs, guide: str, layers, model, assistant) -> None:
     temporal groups, sized by the resolution) has them checked per sample."""
     from ..budget import total_budget
     from ..compressors import FastV
-    from ..importance import parse_layers
     from ..models import adapter_for
 
     main = adapter_for(model)
@@ -185,16 +184,17 @@ def _check_fits(args: ModelArgs, guide: str, layers, model, assistant) -> None:
     try:
         if fastv:
             FastV(retention=1.0, layer=args.layer).check_layer(depth)
+            main.check_drop_layer(args.layer)
     except ValueError as error:
         raise ModelArgsError(f"layer={args.layer}: {error}") from None
     try:
         if guide == "inline":
-            chosen = parse_layers(range(args.layer) if layers is None else layers, depth)
+            chosen = main.guide_layers([a for a in main.attention_layers if a < args.layer] if layers is None else layers)
             if max(chosen) >= args.layer:
                 raise ValueError(f"the inline prior reads layers {chosen}, but FastV drops tokens from layer {args.layer} on: "
                                  f"inline layers must be below it (0..{args.layer - 1}); pick earlier layers or a later layer=")
         elif guide != "none":
-            parse_layers(layers, adapter_for(assistant if guide == "assistant" else model).num_layers)
+            adapter_for(assistant if guide == "assistant" else model).guide_layers(layers)
     except ValueError as error:
         raise ModelArgsError(f"{which}: {error}") from None
     if guide == "none" or per_frame is None:

@@ -11,15 +11,25 @@ depend on the video's resolution.
     encode_video(pixels, signals) -> EncodedVideo: unit tokens [U, T, D] as the LLM sees them, the
                                      tokens that follow the video (LLaVA's newline; none for Qwen),
                                      optional vision signals on the same grid (VisionZip)
-    input_ids(tokenizer, q, n)    the chat prompt with the video's placeholders expanded to n
+    prompt_ids(tokenizer, q, counts, pixels)
+                                  the chat prompt with counts[u] placeholders for unit u (and the
+                                  trailing tokens); families with one run of placeholders use
+                                  input_ids(tokenizer, q, n), the run expanded to n; a timestamped
+                                  layout (Qwen3-VL) builds one block per unit
     visual_positions(input_ids)   prompt positions of the unit tokens, unit-major
-    model_inputs(ids, embeds, encoded, kept)
+    model_inputs(ids, embeds, encoded, kept, companions)
                                   keyword arguments for model(...) / model.generate(...): the kept
                                   tokens' embeddings and, where the family has them, their
-                                  positions from the full layout (kept: per unit, ascending)
+                                  positions from the full layout (kept: per unit, ascending) and
+                                  their compressed companions (None: every token's)
     token_attention(ids, embeds, layers, encoded)
                                   the last prompt token's attention to the unit tokens at `layers`
     decoder_layers                the LLM's decoder layers (FastV drops tokens from one of them on)
+    attention_layers              the layers with softmax attention, where a last-token attention
+                                  exists (all, except in hybrid LLMs such as Qwen3.5's)
+    guide_layers(layers)          guide layers resolved for this LLM (None: the last third of its
+                                  attention layers); a layer without attention is a clear error
+    check_drop_layer(K)           refuses a FastV layer the family cannot drop from (DeepStack layers)
     layout()                      what an assistant must share with the main model
 
 Adapters are built per call and hold no state between calls; only they know a model's internals.
@@ -42,6 +52,10 @@ class EncodedVideo:
     signals: FrameSignals | None
     vision_hidden: torch.Tensor  # what an assistant with an equal vision tower can reuse (see project())
     meta: dict = field(default_factory=dict)  # family-specific layout (grid, time scale) for positions
+    # per-token features that travel with the unit tokens through compression, [U, T, Dc] each
+    # (Qwen3-VL's DeepStack): compressed as extra channels of the same tokens, so every list keeps
+    # exactly the tokens the main features keep, in the same order, merged the same way
+    companions: list = field(default_factory=list)
 
 
 class VideoAdapter:
@@ -85,10 +99,35 @@ class VideoAdapter:
     def input_ids(self, tokenizer, question: str, video_tokens: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def prompt_ids(self, tokenizer, question: str, counts: list[int], pixels=None) -> torch.Tensor:
+        return self.input_ids(tokenizer, question, sum(counts) + self.trailing_tokens)
+
+    def check_drop_layer(self, layer: int) -> None:
+        pass
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return list(range(self.num_layers))
+
+    def guide_layers(self, layers=None) -> list[int]:
+        from ..importance import parse_layers
+
+        attention = self.attention_layers
+        if layers is None:  # the last third of the attention layers (16..23 of 24, the reference setting)
+            return attention[len(attention) - max(1, len(attention) // 3) :]
+        chosen = parse_layers(layers, self.num_layers)
+        other = [layer for layer in chosen if layer not in attention]
+        if other:
+            raise ValueError(
+                f"guide layer(s) {other} have no softmax attention (linear-attention layers), so no last-token attention "
+                f"to read; pick among the attention layers {attention}"
+            )
+        return chosen
+
     def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def model_inputs(self, input_ids, video_embeds, encoded: EncodedVideo | None = None, kept=None) -> dict:
+    def model_inputs(self, input_ids, video_embeds, encoded: EncodedVideo | None = None, kept=None, companions=None) -> dict:
         raise NotImplementedError
 
     def token_attention(self, input_ids, video_embeds, layers: list[int], encoded: EncodedVideo | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ class QwenVideo:
 
     pixels: torch.Tensor
     seconds_per_frame: float
+    times: tuple[float, ...] | None = None  # each frame's time in seconds, where the layout prints it (Qwen3-VL)
 
     @property
     def shape(self):
@@ -87,16 +88,24 @@ class Qwen2_5_VLAdapter(VideoAdapter):
     model_type = "qwen2_5_vl"
     unit = "temporal_group"
     trailing_tokens = 0
+    family = "Qwen2.5-VL"
+    default_mean, default_std = CLIP_MEAN, CLIP_STD
+    default_min_pixels, default_max_pixels = MIN_PIXELS, MAX_PIXELS
 
-    def __init__(self, model):
+    @staticmethod
+    def model_classes() -> tuple[type, type]:
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 
-        if isinstance(model, Qwen2_5_VLForConditionalGeneration):
+        return Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+
+    def __init__(self, model):
+        generation, base = self.model_classes()
+        if isinstance(model, generation):
             self.inner = model.model
-        elif isinstance(model, Qwen2_5_VLModel):
+        elif isinstance(model, base):
             self.inner = model
         else:
-            raise ValueError(f"expected a Qwen2.5-VL model, got {type(model).__name__}")
+            raise ValueError(f"expected a {self.family} model, got {type(model).__name__}")
         self.model = model
         self.frames_per_unit = model.config.vision_config.temporal_patch_size
         config, vision = model.config, model.config.vision_config
@@ -108,10 +117,10 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         if model not in _SETTINGS:  # read once per model: an adapter is built on every call
             _SETTINGS[model] = _preprocessor_settings(getattr(model, "name_or_path", "") or "")
         settings = _SETTINGS[model]
-        self.image_mean = tuple(settings.get("image_mean", CLIP_MEAN))
-        self.image_std = tuple(settings.get("image_std", CLIP_STD))
-        self.min_pixels = int(settings.get("min_pixels", MIN_PIXELS))
-        self.max_pixels = int(settings.get("max_pixels", MAX_PIXELS))
+        self.image_mean = tuple(settings.get("image_mean", self.default_mean))
+        self.image_std = tuple(settings.get("image_std", self.default_std))
+        self.min_pixels = int(settings.get("min_pixels", self.default_min_pixels))
+        self.max_pixels = int(settings.get("max_pixels", self.default_max_pixels))
 
     def layout(self) -> dict:
         return {
@@ -137,11 +146,11 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         if isinstance(video, QwenVideo):  # already completed to whole groups: frames=5 gave 6
             if frames is not None and video.shape[0] not in (frames, frames + (-frames % self.temporal)):
                 raise VideoError(f"the video has {video.shape[0]} frames, {frames} were asked for")
-            return self._checked(video.pixels, video.seconds_per_frame, None)
+            return self._checked(video.pixels, video.seconds_per_frame, None, video.times)
         check_frames(frames)
-        seconds = SECONDS_PER_FRAME
+        seconds, times = SECONDS_PER_FRAME, None
         if isinstance(video, (str, os.PathLike)):
-            video, seconds = read_clip(video, frames, fps)
+            video, seconds, times = self._read(video, frames, fps)
             frames = None if fps is not None else frames
         elif fps is not None:
             raise VideoError("fps sampling needs a video file; for frames or pixel values already sampled, drop fps")
@@ -149,7 +158,15 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             pixels = video
         else:
             pixels = self._resize(np.asarray(video))
-        return self._checked(pixels, seconds, frames)
+        return self._checked(pixels, seconds, frames, times)
+
+    def _read(self, path, frames, fps):
+        video, seconds = read_clip(path, frames, fps)
+        return video, seconds, None
+
+    def _target_size(self, frames: int, height: int, width: int) -> tuple[int, int]:
+        """The resized frame size: Qwen2.5-VL's rule bounds each frame's area."""
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
     def _resize(self, frames: np.ndarray) -> torch.Tensor:
         from PIL import Image
@@ -158,7 +175,7 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             raise VideoError(f"expected RGB frames [F>0, H>0, W>0, 3], got shape {frames.shape}")
         if frames.dtype != np.uint8:
             raise VideoError(f"expected uint8 frames, got {frames.dtype}")
-        height, width = smart_resize(frames.shape[1], frames.shape[2], self.factor, self.min_pixels, self.max_pixels)
+        height, width = self._target_size(frames.shape[0], frames.shape[1], frames.shape[2])
         resized = np.stack([
             np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC)) if f.shape[:2] != (height, width) else f
             for f in frames
@@ -166,7 +183,7 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255.0
         return (pixels - torch.tensor(self.image_mean)[:, None, None]) / torch.tensor(self.image_std)[:, None, None]
 
-    def _checked(self, pixels: torch.Tensor, seconds: float, frames: int | None) -> QwenVideo:
+    def _checked(self, pixels: torch.Tensor, seconds: float, frames: int | None, times=None) -> QwenVideo:
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
             raise VideoError(f"pixel values must be [F>0, 3, H, W], got {tuple(pixels.shape)}")
         if pixels.shape[2] % self.factor or pixels.shape[3] % self.factor:
@@ -179,9 +196,13 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             raise VideoError(f"the pixel values hold {bad} NaN or infinite values; clean the frames (e.g. torch.nan_to_num) before calling")
         if frames is not None and pixels.shape[0] != frames:
             raise VideoError(f"the video has {pixels.shape[0]} frames, {frames} were asked for")
-        if pad := -pixels.shape[0] % self.temporal:  # the processor's rule: repeat the last frame
+        if times is not None and len(times) not in (pixels.shape[0], pixels.shape[0] + (-pixels.shape[0] % self.temporal)):
+            raise VideoError(f"{len(times)} frame times for {pixels.shape[0]} frames")
+        if pad := -pixels.shape[0] % self.temporal:  # the processor's rule: repeat the last frame (and its time)
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
-        return QwenVideo(pixels, float(seconds))
+        if times is not None:
+            times = tuple(float(t) for t in times) + (float(times[-1]),) * (pixels.shape[0] - len(times))
+        return QwenVideo(pixels, float(seconds), times)
 
     def video_shape(self, pixels: QwenVideo) -> tuple[int, int]:
         _, _, height, width = pixels.shape
@@ -283,14 +304,16 @@ class Qwen2_5_VLAdapter(VideoAdapter):
 
     # prompt and LLM ------------------------------------------------------------------------
 
-    def input_ids(self, tokenizer, question: str, video_tokens: int) -> torch.Tensor:
-        """The chat prompt with its one video placeholder (between vision start and end) repeated `video_tokens` times."""
+    def _chat_text(self, tokenizer, question: str) -> str:
+        """The chat prompt as text, its video a single placeholder (the checkpoint's template, else Qwen's chat format)."""
         if getattr(tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = DEFAULT_TEMPLATE.format(question=question)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return DEFAULT_TEMPLATE.format(question=question)
+
+    def input_ids(self, tokenizer, question: str, video_tokens: int) -> torch.Tensor:
+        """The chat prompt with its one video placeholder (between vision start and end) repeated `video_tokens` times."""
+        ids = tokenizer(self._chat_text(tokenizer, question), add_special_tokens=False)["input_ids"]
         marks = [i for i, t in enumerate(ids) if t == self.video_token_id]
         if len(marks) != 1:
             raise ValueError(
@@ -320,7 +343,7 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             raise ValueError(f"{visual.numel()} video placeholders (contiguous: {last - first + 1 == visual.numel()}) for {video.shape[1]} kept tokens")
         return torch.cat([full[:, :first], video, full[:, full.shape[1] - after :]], dim=1)[:, None].to(input_ids.device)
 
-    def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, encoded: EncodedVideo | None = None, kept=None) -> dict:
+    def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, encoded: EncodedVideo | None = None, kept=None, companions=None) -> dict:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         if encoded is None:
