@@ -7,6 +7,7 @@ import os
 from .base import EncodedVideo, VideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter, QwenVideo
+from .qwen3_vl import Qwen3_5Adapter, Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 _ADAPTERS: dict[str, type] = {}
 
@@ -35,7 +36,7 @@ def adapter_for(model):
     if model_type not in _ADAPTERS:
         raise UnsupportedModelError(
             f"vidtok does not support model type {model_type!r} ({type(model).__name__}); "
-            f"supported: {', '.join(supported_model_types())}. Load e.g. a LLaVA-OneVision or Qwen2.5-VL checkpoint "
+            f"supported: {', '.join(supported_model_types())}. Load e.g. a LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL or Qwen3.5 checkpoint "
             "with AutoModelForImageTextToText"
         )
     return _ADAPTERS[model_type](model)
@@ -43,5 +44,8 @@ def adapter_for(model):
 
 register_adapter("llava_onevision", LlavaOnevisionAdapter)
 register_adapter("qwen2_5_vl", Qwen2_5_VLAdapter)
+register_adapter("qwen3_vl", Qwen3VLAdapter)
+register_adapter("qwen3_vl_moe", Qwen3VLMoeAdapter)
+register_adapter("qwen3_5", Qwen3_5Adapter)
 
 __all__ = ["EncodedVideo", "QwenVideo", "UnsupportedModelError", "VideoAdapter", "adapter_for", "register_adapter", "supported_model_types"]

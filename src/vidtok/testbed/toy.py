@@ -28,6 +28,9 @@ CHAT_TEMPLATE = (
 # Qwen-VL's markers, after the words so the LLaVA-OV vocabulary (and the shipped models) keep their ids.
 QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<video> ", "<|vision_start|> <|video_pad|> <|vision_end|> ")
+# The words of Qwen3-VL's timestamps ("<12.5 seconds>", digits split one by one), after the markers.
+TIME_WORDS = ("<", ">", ".", "seconds") + tuple("0123456789")
+TIMESTAMPED = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5")
 
 # geometry name -> (vision width, vision layers, text width, text layers, text heads, kv heads)
 GEOMETRIES = {
@@ -39,14 +42,18 @@ GEOMETRIES = {
 
 def build_tokenizer(family: str = "llava_onevision"):
     """Word-level tokenizer with the toy vocabulary and a chat template (saved as tokenizer.json);
-    `family="qwen2_5_vl"` adds Qwen-VL's vision markers and renders a video as they do."""
+    `family="qwen2_5_vl"` adds Qwen-VL's vision markers and renders a video as they do; the
+    timestamped families (Qwen3-VL, Qwen3.5) also the words of their timestamps."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     qwen = family != "llava_onevision"
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + (QWEN_SPECIALS if qwen else ()))}
+    timestamped = family in TIMESTAMPED
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + (QWEN_SPECIALS if qwen else ()) + (TIME_WORDS if timestamped else ()))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if timestamped:
+        core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         unk_token="<unk>",
@@ -101,6 +108,61 @@ def build_qwen_toy_model(geometry: str = "test", seed: int = 0, **config_kwargs)
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model.eval()
+
+
+def qwen3_toy_config(model_type: str = "qwen3_vl", patch_size: int = 8, deepstack: tuple[int, ...] = (0, 1), text_layers: int = 4):
+    """A tiny Qwen3-VL (`qwen3_vl`, `qwen3_vl_moe`) or Qwen3.5 (`qwen3_5`) config of the toy
+    vocabulary, random weights only: 8-px patches merged 2x2 (a 64-px frame pair is 4x4 = 16
+    tokens); Qwen3-VL's DeepStack from vision blocks `deepstack` into the first len(deepstack) LLM
+    layers; Qwen3.5's LLM alternating linear-attention and attention layers (0, 2: linear)."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    vocab = len(SPECIALS) + len(WORDS) + len(QWEN_SPECIALS) + len(TIME_WORDS)
+    ids = {name: len(SPECIALS) + len(WORDS) + i for i, name in enumerate(QWEN_SPECIALS)}
+    width, heads, head_dim = 32, 4, 8
+    text = {"hidden_size": width, "intermediate_size": width * 2, "num_hidden_layers": text_layers, "num_attention_heads": heads,
+            "num_key_value_heads": 2, "head_dim": head_dim, "vocab_size": vocab, "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+            "pad_token_id": SPECIALS.index("<pad>"), "tie_word_embeddings": True}
+    config_cls = Qwen3VLConfig
+    if model_type == "qwen3_5":  # a hybrid LLM: linear-attention (gated delta rule) layers between attention layers
+        from transformers import Qwen3_5Config
+
+        text.update({"layer_types": (["linear_attention", "full_attention"] * text_layers)[:text_layers], "head_dim": 16,
+                     "linear_conv_kernel_dim": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+                     "linear_num_key_heads": 2, "linear_num_value_heads": 4})
+        text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5}
+        config_cls, deepstack = Qwen3_5Config, ()
+    elif model_type == "qwen3_vl_moe":
+        text.update({"moe_intermediate_size": width, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1})
+        config_cls = Qwen3VLMoeConfig
+    elif model_type != "qwen3_vl":
+        raise ValueError(f"unknown Qwen3 model type {model_type!r}: qwen3_vl, qwen3_vl_moe or qwen3_5")
+    vision = {"depth": max(deepstack, default=0) + 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+              "out_hidden_size": width, "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "num_position_embeddings": 64, "in_channels": 3}
+    if model_type != "qwen3_5":
+        vision["deepstack_visual_indexes"] = list(deepstack)
+    return config_cls(
+        vision_config=vision,
+        text_config=text,
+        video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_qwen3_toy_model(model_type: str = "qwen3_vl", seed: int = 0, **config_kwargs):
+    """Random-weight toy Qwen3-VL, Qwen3-VL-MoE or Qwen3.5 (deterministic from `seed`), in eval mode, float32."""
+    from transformers import AutoModelForImageTextToText
+
+    config = qwen3_toy_config(model_type, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = SPECIALS.index("<|im_end|>")
+    model.generation_config.pad_token_id = SPECIALS.index("<pad>")
     return model.eval()
 
 
