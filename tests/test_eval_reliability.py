@@ -264,3 +264,61 @@ def test_a_prediction_line_that_is_not_a_prediction_is_named_and_recomputed(toy,
     notes.clear()
     evaluate(_config(split, out, limit=3), *toy, progress=False, log=notes.append)
     assert not notes  # the damaged line was cut out of the file, not just skipped
+
+
+def _count_forwards(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_configurations_share_one_encode_per_tower_and_answer_as_alone(toy, split, tmp_path, monkeypatch):
+    """Every configuration on a video reuses one vision encode (per tower and signal need) and one
+    guide pass per guide; each prediction, budget and weight equals a call that shares nothing."""
+    from vidtok import adapter_for, generate
+    from vidtok.compressors import build_method
+    from vidtok.testbed.synth import read_split
+
+    model, tokenizer, assistant = toy
+    config = EvalConfig(split=str(split), out=str(tmp_path / "shared"), methods=["visionzip", "uniform"], guides=["none", "self", "assistant"],
+                        retentions=[0.125, 0.25], limit=2)
+    calls, handle = _count_forwards(model.model.vision_tower)
+    try:
+        evaluate(config, model, tokenizer, assistant, progress=False)
+    finally:
+        handle.remove()
+    # 13 configurations (full + 2 x 3 x 2) per video; the tower runs with signals (visionzip) and without (the rest)
+    assert len(calls) == 2 * 2
+    sharing = json.loads((tmp_path / "shared" / "sharing.json").read_text())
+    assert sharing["videos"] == 2 and sharing["configurations"] == 26 and sharing["computed"]["vision"] == 4
+    # per video one self and one assistant pass per main-model encoding they read (with and without signals),
+    # where every guided configuration would run its own: 2 x 2 x 2 per video
+    assert sharing["computed"]["guide"] == 2 * 2 * 2 and sharing["computed"]["guide_vision"] == 2 * 2
+    assert sharing["saved_seconds"]["vision"] > 0
+    records = read_split(split)[:2]
+    for folder in (tmp_path / "shared").iterdir():
+        if not folder.is_dir():
+            continue
+        identity = json.loads((folder / "identity.json").read_text())
+        method, guide, retention = identity["method"], identity["guide"], identity["retention"]
+        built = build_method(method, None if method == "full" else retention, guide, assistant, identity["guide_layers"], seed=0)
+        for row, record in zip(_rows(folder), records):
+            pixels = adapter_for(model).pixels(record["video"], record.get("frames"))  # as the evaluation decodes it
+            alone = generate(model, tokenizer, pixels, record["question"], built, max_new_tokens=2)
+            assert row["prediction"] == (alone.text.split() or [""])[0] and row["budgets"] == alone.plan.budgets
+            assert row["frame_weights"] == alone.plan.frame_weights
+
+
+def test_a_video_cache_refuses_another_video_or_sampling(toy):
+    import numpy as np
+
+    from vidtok import VideoCache, VisionZip, prepare
+
+    model, tokenizer, _ = toy
+    frames = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    cache = VideoCache(frames)
+    prepare(model, tokenizer, frames, "what shape is red ?", VisionZip(0.25), cache=cache)
+    with pytest.raises(ValueError, match="belongs to another video"):
+        prepare(model, tokenizer, frames.copy(), "what shape is red ?", VisionZip(0.25), cache=cache)
+    with pytest.raises(ValueError, match="sampled with frames, fps"):
+        prepare(model, tokenizer, frames, "what shape is red ?", VisionZip(0.25), frames=4, cache=cache)

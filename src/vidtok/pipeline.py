@@ -91,6 +91,54 @@ class _Timer:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
+class VideoCache:
+    """Work on one video that several `prepare` calls can share: the vision encoder's output (per
+    model and per whether VisionZip's signals were read) and a guide's frame weights (per guide
+    model, layers, pooling and question). Each is exactly what the call would compute itself; a
+    reused stage is timed as `<stage>_reused` in the plan (the seconds it took when computed),
+    and `saved` sums them. Bound to one `video` object: passing it with another video is an error.
+    """
+
+    def __init__(self, video):
+        self.video = video
+        self.sampling = None
+        self.entries: dict = {}
+        self.saved: dict[str, float] = {}
+        self.computed: dict[str, int] = {}
+
+    def bind(self, video, frames, fps) -> None:
+        if video is not self.video:
+            raise ValueError("this VideoCache belongs to another video: make one VideoCache per video (VideoCache(video))")
+        if self.sampling is None:
+            self.sampling = (frames, fps)
+        elif self.sampling != (frames, fps):
+            raise ValueError(f"this VideoCache holds the video sampled with frames, fps = {self.sampling}, not {(frames, fps)}")
+
+    def has(self, key: tuple, owner) -> bool:
+        entry = self.entries.get(key)
+        return entry is not None and entry[2] is owner
+
+    def fetch(self, key: tuple, stage: str, timer: "_Timer", compute, owner):
+        if self.has(key, owner):
+            value, seconds, _ = self.entries[key]
+            timer.seconds[f"{stage}_reused"] = timer.seconds.get(f"{stage}_reused", 0.0) + seconds
+            self.saved[stage] = self.saved.get(stage, 0.0) + seconds
+            return value
+        before = timer.seconds.get(stage, 0.0)
+        with timer(stage):
+            value = compute()
+        self.entries[key] = (value, timer.seconds[stage] - before, owner)  # the owner (a model) pins its id
+        self.computed[stage] = self.computed.get(stage, 0) + 1
+        return value
+
+
+def _fetch(cache: VideoCache | None, key: tuple, stage: str, timer, compute, owner):
+    if cache is None:
+        with timer(stage):
+            return compute()
+    return cache.fetch(key, stage, timer, compute, owner)
+
+
 def device_sync(device: torch.device):
     """The synchronising call for timing on `device` (None on the CPU)."""
     return torch.cuda.synchronize if device.type == "cuda" else None
@@ -214,15 +262,20 @@ def _same_tower(dytok, main, guide) -> bool:
     return entry[2]
 
 
-def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, encoded, timer) -> torch.Tensor:
+def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, encoded, timer, cache=None) -> torch.Tensor:
     """Frame weights [F] from the guide's last-token attention on the uncompressed prompt."""
+    # id(encoded): the main model's encoding this pass reads (its own, or its blocks' output), pinned by the cache
+    key = ("weights", id(guide.model), tuple(layers), dytok.guide_pool, dytok.share_vision, question, id(encoded))
+    if cache is not None and cache.has(key, guide.model):
+        return cache.fetch(key, "guide", timer, None, guide.model)
     frames = encoded.features.shape[0]
     if guide is not main:  # an assistant sees the frames through its own vision tower...
         shared = dytok.share_vision and _same_tower(dytok, main, guide)
-        with timer("guide_vision"):
-            # ...computed once when both models have the same tower
-            encoded = guide.project(encoded.vision_hidden, encoded) if shared else guide.encode_video(pixels)
-    with timer("guide"):
+        source = encoded  # ...computed once when both models have the same tower
+        encoded = _fetch(cache, ("guide_vision", id(guide.model), shared, id(source)), "guide_vision", timer,
+                         lambda: guide.project(source.vision_hidden, source) if shared else guide.encode_video(pixels), guide.model)
+
+    def attend() -> torch.Tensor:
         features = encoded.features
         if dytok.guide_pool > 1:
             features = guide.pool_frames(features, dytok.guide_pool)
@@ -230,6 +283,8 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         _check_length(guide, ids, "guide")
         embeds = torch.cat([features.flatten(0, 1), encoded.newline])
         return frame_weights(guide.token_attention(ids, embeds, layers, encoded), frames)
+
+    return _fetch(cache, key, "guide", timer, attend, guide.model)
 
 
 def _check_question(tokenizer, question: str) -> None:
@@ -260,16 +315,21 @@ def _check_length(adapter, input_ids: torch.Tensor, who: str) -> None:
 
 
 @torch.no_grad()
-def prepare(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, fps: float | None = None) -> Prepared:
+def prepare(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, fps: float | None = None,
+            cache: VideoCache | None = None) -> Prepared:
     """Encode, (guide,) compress and build the model inputs for one video and question.
 
     `method`: None or Full() for no compression, a base compressor (same budget every unit),
     or DyToK(base, ...). `frames` (a fixed count) or `fps` (per second of video) choose the
     frames of a video file. Returns the inputs for model(**inputs) / model.generate(**inputs),
     inside `with prepared.apply():`. The model is left exactly as it was, also when this raises.
+    `cache` (a VideoCache of this video) shares the vision encoder's output and guide passes
+    between calls on the same video: the result is the same as without it.
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question must be a non-empty string")
+    if cache is not None:
+        cache.bind(video, frames, fps)
     _check_question(tokenizer, question)
     base, dytok = _describe(method)
     encoder, fastv = _stages(base)
@@ -305,13 +365,13 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         guide = _guide_adapter(dytok, adapter)
         layers = guide.guide_layers(dytok.layers)
 
-    with timer("vision"):
-        encoded = adapter.encode_video(pixels, signals=compressing and encoder.needs_vision_signals)
+    signals = compressing and encoder.needs_vision_signals
+    encoded = _fetch(cache, ("vision", id(model), signals), "vision", timer, lambda: adapter.encode_video(pixels, signals=signals), model)
     features, newline = encoded.features, encoded.newline
 
     weights = None
     if dytok is not None and not inline and (compressing or dropping):
-        weights = _guide_weights(dytok, guide, adapter, layers, tokenizer, question, pixels, encoded, timer)
+        weights = _guide_weights(dytok, guide, adapter, layers, tokenizer, question, pixels, encoded, timer, cache)
     if weights is not None and compressing:
         vision_budgets = dytok.budgets(weights.tolist(), vision_budget, per_frame)
     else:  # static, or nothing dropped before the LLM (FastV alone): DyToK's cap and floor shape FastV's split only
@@ -370,12 +430,12 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
 
 @torch.no_grad()
 def generate(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, fps: float | None = None,
-             **generate_kwargs) -> Result:
+             cache: VideoCache | None = None, **generate_kwargs) -> Result:
     """Answer `question` about `video` with `method` (see `prepare`); `generate_kwargs` go to model.generate.
 
     Batch size 1: one video, one question.
     """
-    prepared = prepare(model, tokenizer, video, question, method, frames=frames, fps=fps)
+    prepared = prepare(model, tokenizer, video, question, method, frames=frames, fps=fps, cache=cache)
     if prepared.plan.layer is not None and generate_kwargs.get("use_cache") is False:
         raise ValueError("FastV drops tokens from the KV cache of its layers: it needs use_cache=True (generate's default); drop use_cache=False")
     generate_kwargs.setdefault("max_new_tokens", 32)

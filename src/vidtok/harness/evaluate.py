@@ -345,8 +345,9 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
             state.open(fresh=run in stale, log=log)
         try:
             todo = [i for i in range(len(records)) if any(s.needs(i) for s in states.values())]
+            sharing = {"videos": 0, "configurations": 0, "computed": {}, "saved_seconds": {}}
             for index in tqdm(todo, disable=not progress, desc="eval"):
-                _evaluate_record(index, records[index], states, methods, adapter, model, tokenizer, generate)
+                _evaluate_record(index, records[index], states, methods, adapter, model, tokenizer, generate, sharing)
         finally:
             for state in states.values():
                 state.log.close()
@@ -372,6 +373,14 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
                 atomic_write_json(results, summary)
             summaries.append(summary)
         atomic_write_json(root / "summary.json", [{k: v for k, v in s.items() if k not in ("config", "identity")} for s in summaries])
+        atomic_write_json(root / "sharing.json", sharing)  # this invocation's: rewritten every run, never stale
+        if sharing["videos"]:
+            saved = sharing["saved_seconds"]
+            log(f"shared work: {sharing['videos']} videos x {sharing['configurations']} configuration runs; the vision encoder ran "
+                f"{sharing['computed'].get('vision', 0)} times (+{sharing['computed'].get('guide_vision', 0)} assistant towers), "
+                f"guide passes {sharing['computed'].get('guide', 0)} times; sharing saved {saved.get('vision', 0.0):.1f} s of vision, "
+                f"{saved.get('guide_vision', 0.0):.1f} s of assistant vision and {saved.get('guide', 0.0):.1f} s of guide passes "
+                f"(sharing.json)")
         plot_accuracy(summaries, root / "accuracy.png")
     return summaries
 
@@ -383,8 +392,12 @@ def _same_numbers(stored: dict, summary: dict) -> bool:
     return {k: v for k, v in stored.items() if k not in volatile} == {k: v for k, v in summary.items() if k not in volatile}
 
 
-def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, generate) -> None:
-    """Every pending configuration on one record; a failure is recorded, never raised."""
+def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, generate, sharing=None) -> None:
+    """Every pending configuration on one record; a failure is recorded, never raised. The
+    configurations share one VideoCache: the video is encoded once per vision tower (and per
+    whether VisionZip's signals are read), each guide pass runs once; `sharing` counts it."""
+    from ..pipeline import VideoCache
+
     pending = [run for run, state in states.items() if state.needs(index)]
     head = {"index": index, "id": record.get("id"), "question": record.get("question")}
     try:
@@ -396,9 +409,10 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
         for run in pending:
             states[run].add({**head, "failed": problem})
         return
+    cache = VideoCache(pixels)
     for run in pending:
         try:
-            result = generate(model, tokenizer, pixels, record["question"], methods[run], **EVAL_GENERATION)
+            result = generate(model, tokenizer, pixels, record["question"], methods[run], cache=cache, **EVAL_GENERATION)
         except ValueError as error:  # this record's question or video cannot be answered with this method
             states[run].add({**head, "failed": str(error)})
             continue
@@ -420,6 +434,13 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
                 "seconds": plan.seconds,
             }
         )
+    if sharing is not None:
+        sharing["videos"] += 1
+        sharing["configurations"] += len(pending)
+        for stage, n in cache.computed.items():
+            sharing["computed"][stage] = sharing["computed"].get(stage, 0) + n
+        for stage, seconds in cache.saved.items():
+            sharing["saved_seconds"][stage] = sharing["saved_seconds"].get(stage, 0.0) + seconds
 
 
 def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict:
@@ -443,7 +464,8 @@ def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict
         "accuracy_ci95": wilson(correct, n) if n else None,
         "needle_survival": sum(survived) / len(survived) if survived else None,
         "mean_kept_tokens": sum(s["kept_tokens"] for s in samples) / n if n else None,
-        "mean_seconds": {k: sum(s["seconds"].get(k, 0.0) for s in samples) / n for k in samples[0]["seconds"]} if n else {},
+        # a stage reused from another configuration is timed as "<stage>_reused" (the seconds it took once)
+        "mean_seconds": {k: sum(s["seconds"].get(k, 0.0) for s in samples) / n for k in sorted({k for s in samples for k in s["seconds"]})},
         "failures": failed,
         "split": str(config.split),
         "config": asdict(config),
