@@ -156,3 +156,38 @@ def test_weights_beyond_float_range_are_split_by_their_ratios():
     assert allocate_budgets([Fraction(10**400, 3), 10**399], 5, 4) == allocate_budgets([10, 3], 5, 4)
     with pytest.raises(ValueError, match="finite and >= 0"):
         allocate_budgets([-(10**400), 1], 3, 4)
+
+
+def test_keyframe_budgets_keep_whole_top_frames():
+    from vidtok.budget import keyframe_budgets
+
+    weights = [0.1, 0.4, 0.05, 0.3, 0.15]
+    assert keyframe_budgets(weights, 8, 4) == [0, 4, 0, 4, 0]  # the two heaviest frames, whole
+    assert keyframe_budgets(weights, 10, 4) == [0, 4, 0, 4, 2]  # the third keeps what is left
+    assert keyframe_budgets([1, 1, 1], 4, 2) == [2, 2, 0]  # ties: earlier frame first
+    assert keyframe_budgets(weights, 6, [4, 2, 4, 4, 4]) == [0, 2, 0, 4, 0]  # per-frame caps
+    for total in range(0, 21):
+        budgets = keyframe_budgets(weights, total, 4)
+        assert sum(budgets) == total and sum(0 < b < 4 for b in budgets) <= 1
+    with pytest.raises(ValueError, match="must be a whole number in 0..20"):
+        keyframe_budgets(weights, 21, 4)
+
+
+def test_binary_dytok_selects_whole_frames_by_the_guides_weights():
+    from vidtok import DyToK, VisionZip, generate
+    from vidtok.compressors import build_method
+    from vidtok.testbed.toy import load_default
+
+    model, tokenizer, assistant, _ = load_default()
+    from vidtok.testbed.toy import default_question, default_video
+
+    method = DyToK(VisionZip(0.25), guide=assistant, allocation="binary")
+    plan = generate(model, tokenizer, default_video(), default_question(), method, frames=16, max_new_tokens=1).plan
+    order = sorted(range(16), key=lambda f: (-plan.frame_weights[f], f))
+    assert sorted(plan.budgets, reverse=True)[:4] == [16] * 4 and sum(plan.budgets) == 64
+    assert [plan.budgets[f] for f in order[:4]] == [16] * 4 and all(plan.budgets[f] == 0 for f in order[4:])
+    assert "allocation=binary" in str(build_method("keyframe", 0.25, "assistant", assistant))
+    with pytest.raises(ValueError, match="keyframe picks frames by a guide"):
+        build_method("keyframe", 0.25, "none")
+    with pytest.raises(ValueError, match="floor does not apply"):
+        DyToK(VisionZip(0.25), allocation="binary", floor=1)

@@ -104,3 +104,26 @@ def allocate_budgets(weights: Sequence[float], total: int, cap: int | Sequence[i
                 budgets[f] += 1
                 excess -= 1
     return budgets
+
+
+def keyframe_budgets(weights: Sequence[float], total: int, cap: int | Sequence[int]) -> list[int]:
+    """Binary keyframe selection with the same total: frames by descending weight (ties: lower
+    index first) keep all their tokens (`cap`) until `total` is spent; the last one chosen keeps
+    what is left, every other frame nothing. The baseline DyToK's proportional split is compared to.
+    """
+    weights = _floats(weights)
+    frames = len(weights)
+    if frames == 0:
+        raise ValueError("no frames to allocate a budget to")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"frame weights must be finite and >= 0, got {weights}")
+    caps = list(cap) if isinstance(cap, Sequence) else [cap] * frames
+    if len(caps) != frames:
+        raise ValueError(f"{len(caps)} per-frame caps for {frames} frames")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0 or total > sum(caps):
+        raise ValueError(f"budget {total!r} must be a whole number in 0..{sum(caps)} (the frames' caps)")
+    budgets, left = [0] * frames, total
+    for f in sorted(range(frames), key=lambda f: (-weights[f], f)):
+        budgets[f] = min(caps[f], left)
+        left -= budgets[f]
+    return budgets

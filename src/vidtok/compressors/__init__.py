@@ -12,7 +12,8 @@ from .visionzip import VisionZip
 COMPRESSORS = {cls.name: cls for cls in (Full, Uniform, Random, VisionZip, FastV)}
 ENCODERS = ("uniform", "random", "visionzip")
 # an encoder-side compressor then FastV on what it left: "visionzip+fastv" (--vision-retention sets the first share)
-METHODS = tuple(COMPRESSORS) + tuple(f"{name}+fastv" for name in ENCODERS)
+# "keyframe": binary keyframe selection by the guide's frame weights (top frames whole, VisionZip in a partly kept one)
+METHODS = tuple(COMPRESSORS) + ("keyframe",) + tuple(f"{name}+fastv" for name in ENCODERS)
 GUIDES = ("none", "self", "assistant", "inline")
 
 
@@ -45,12 +46,17 @@ def build_method(name: str, retention: float | None, guide: str, assistant=None,
         if retention not in (None, 1.0):
             raise ValueError("--method full keeps every token; drop --retention or pick a compressing method")
         return Full()
+    if name == "keyframe":
+        if guide in ("none", "inline"):
+            raise ValueError("--method keyframe picks frames by a guide's frame weights: use --guide self or assistant")
+        base = VisionZip(retention=0.25 if retention is None else retention)
+        return _guided(base, guide, assistant, layers, cap, floor, guide_pool, allocation="binary")
     kwargs = {"seed": seed} if name == "random" else {"layer": layer} if name == "fastv" else {}
     base = COMPRESSORS[name](retention=0.25 if retention is None else retention, **kwargs)
     return _guided(base, guide, assistant, layers, cap, floor, guide_pool)
 
 
-def _guided(base, guide, assistant, layers, cap, floor, guide_pool):
+def _guided(base, guide, assistant, layers, cap, floor, guide_pool, allocation="proportional"):
     if guide == "none":
         if guide_pool != 1 or cap is not None or floor:
             raise ValueError("--guide-pool, --cap and --floor shape DyToK's budgets: they need --guide self or assistant")
@@ -59,7 +65,8 @@ def _guided(base, guide, assistant, layers, cap, floor, guide_pool):
         raise ValueError("--guide assistant needs --assistant PATH (an assistant model of the same family)")
     if guide == "inline" and guide_pool != 1:
         raise ValueError("--guide-pool shapes a separate guide pass; the inline prior reads the main prefill itself")
-    return DyToK(base, guide=assistant if guide == "assistant" else guide, layers=layers, cap=cap, floor=floor, guide_pool=guide_pool)
+    return DyToK(base, guide=assistant if guide == "assistant" else guide, layers=layers, cap=cap, floor=floor, guide_pool=guide_pool,
+                 allocation=allocation)
 
 __all__ = ["COMPRESSORS", "GUIDES", "METHODS", "build_method", "Composed", "Compressor", "DyToK", "FastV", "FrameSignals", "Full",
            "Random", "Uniform", "VisionZip"]

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..budget import allocate_budgets, check_retention
+from ..budget import allocate_budgets, check_retention, keyframe_budgets
 from .base import Compressor
 
 
@@ -26,6 +26,10 @@ class DyToK:
     cap: int | None = field(default=None, metadata={"help": "max tokens per frame; None: all of a frame's tokens"})
     floor: int = field(default=0, metadata={"help": "min tokens per frame (temporal coverage); 0 as in the reference"})
     guide_pool: int = field(default=1, metadata={"help": "the guide sees each frame average-pooled k x k (1: full grid)"})
+    allocation: str = field(
+        default="proportional",
+        metadata={"help": '"proportional" (DyToK) or "binary": the top frames keep all their tokens, the rest none (a baseline)'},
+    )
     share_vision: bool = field(
         default=True,
         metadata={"help": "reuse the main model's vision tower output when the assistant's tower has equal weights (checked once per pair)"},
@@ -65,6 +69,10 @@ class DyToK:
             raise ValueError(f"floor must be a non-negative int, got {self.floor!r}")
         if isinstance(self.guide_pool, bool) or not isinstance(self.guide_pool, int) or self.guide_pool < 1:
             raise ValueError(f"guide_pool must be a positive int, got {self.guide_pool!r}")
+        if self.allocation not in ("proportional", "binary"):
+            raise ValueError(f'allocation must be "proportional" or "binary", got {self.allocation!r}')
+        if self.allocation == "binary" and self.floor:
+            raise ValueError("binary keyframe selection gives unselected frames nothing: a floor does not apply (use floor=0)")
 
     @property
     def guide_name(self) -> str:
@@ -75,10 +83,14 @@ class DyToK:
         cap = tokens_per_frame if self.cap is None else self.cap
         if cap > tokens_per_frame:
             raise ValueError(f"cap {cap} exceeds the {tokens_per_frame} tokens a frame has; use a cap <= {tokens_per_frame}")
+        caps = cap if available is None else [min(cap, a) for a in available]
+        if self.allocation == "binary":
+            return keyframe_budgets(weights, total, caps)
         if available is None:
             return allocate_budgets(weights, total, cap, self.floor)
-        return allocate_budgets(weights, total, [min(cap, a) for a in available], min(self.floor, min(available)))
+        return allocate_budgets(weights, total, caps, min(self.floor, min(available)))
 
     def __str__(self) -> str:
         pool = f", guide_pool={self.guide_pool}" if self.guide_pool != 1 else ""
-        return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers}{pool})"
+        binary = ", allocation=binary" if self.allocation == "binary" else ""
+        return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers}{pool}{binary})"

@@ -92,6 +92,8 @@ def configurations(config: EvalConfig) -> list[tuple[str, str, float, int]]:
         for guide in config.guides:
             if guide == "inline" and method != "fastv":  # the inline prior exists only inside FastV's prefill
                 continue
+            if method == "keyframe" and guide in ("none", "inline"):  # selection needs a guide pass's frame weights
+                continue
             for retention in config.retentions:
                 runs.append((method, guide, retention, 1 if guide == "none" else config.guide_pool))
     return runs
