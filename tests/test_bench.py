@@ -189,3 +189,26 @@ def test_bench_runs_a_qwen_geometry(tmp_path):
     assert static["prefill_flops"]["compress"] > 0 and static["prefill_flops"]["vision"] == full["prefill_flops"]["vision"]
     assert 0 < guided["prefill_flops"]["guide"] and guided["stage_seconds"]["guide_vision"] > 0
     assert fastv["visual_tokens_kept"] == 200 and fastv["prefill_flops"]["guide"] == 0
+
+
+def test_a_length_sweep_measures_each_length_and_stops_where_told(tmp_path):
+    config = BenchConfig(name="s", main={"toy": "test"}, guide={"toy": "test", "share_vision": True}, sweep_frames=[4, 2],
+                         runs=[{"method": "visionzip", "guide": "assistant", "retentions": [0.25]}], repeats=1, warmup=0, decode_tokens=1)
+    report = run_bench(config, tmp_path, log=lambda *a: None)
+    assert report["complete"] is True and report["stopped"] is None
+    assert [p["frames"] for p in report["sweep"]] == [2, 4]  # ascending
+    for point in report["sweep"]:
+        full, guided = point["rows"]
+        assert full["frames"] == guided["frames"] == point["frames"]
+        assert full["visual_tokens_in"] == point["frames"] * 16 and guided["visual_tokens_kept"] == point["frames"] * 4
+        assert guided["stage_seconds"]["guide"] > 0 and guided["ttft_speedup"] == pytest.approx(full["ttft_seconds"] / guided["ttft_seconds"])
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["complete"] is True and len(saved["sweep"]) == 2
+
+    config.point_seconds = 1e-6  # nothing after the first length can fit
+    report = run_bench(config, tmp_path / "stopped", log=lambda *a: None)
+    assert [p["frames"] for p in report["sweep"]] == [2]
+    assert report["stopped"]["frames"] == 4 and "over the" in report["stopped"]["reason"]
+    with pytest.raises(ValueError, match="sweep_frames must be a list of whole numbers"):
+        BenchConfig(name="x", main={"toy": "test"}, sweep_frames=[16, 0])

@@ -271,7 +271,9 @@ def cmd_bench(args) -> int:
     writable_dir(out)
     report = run_bench(config, out, log=(lambda *a: None) if args.quiet else print)
     print(table(report["rows"]))
-    print(f"results in {out}/ (bench.json, bench.png)")
+    print(f"results in {out}/ (bench.json, {'sweep.png' if config.sweep_frames else 'bench.png'})")
+    if report.get("stopped"):
+        print(f"the sweep stopped: {report['stopped']['reason']}")
     return 0
 
 

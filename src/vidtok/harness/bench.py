@@ -42,6 +42,16 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
+    sweep_frames: list | None = field(default=None, metadata={"help": "a length sweep: every run at each frame count, ascending"})
+    point_seconds: float = field(default=600.0, metadata={"help": "sweep: skip a length whose predicted time passes this"})
+
+    def __post_init__(self):
+        if self.sweep_frames is not None:
+            if not isinstance(self.sweep_frames, list) or not self.sweep_frames or any(
+                    isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sweep_frames):
+                raise ValueError(f"sweep_frames must be a list of whole numbers >= 1, got {self.sweep_frames!r}")
+        if isinstance(self.point_seconds, bool) or not isinstance(self.point_seconds, (int, float)) or not self.point_seconds > 0:
+            raise ValueError(f"point_seconds must be a positive number of seconds, got {self.point_seconds!r}")
 
     @classmethod
     def load(cls, path) -> "BenchConfig":
@@ -311,26 +321,52 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
     rows = expand_runs(config)
     if any(r["guide"] == "assistant" for r in rows) and guide_model is None:
         raise ValueError("a run uses guide 'assistant' but the config has no guide geometry")
+    setup = {"model": model, "tokenizer": tokenizer, "guide_model": guide_model, "shared": shared, "device": device}
+    report = {
+        "config": asdict(config),
+        "machine": _machine(device),
+        "shared_vision_tower": shared,
+        "geometry": {"main": model.config.to_dict(), "guide": guide_model.config.to_dict() if guide_model else None},
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.sweep_frames:
+        report.update(_sweep(config, setup, rows, out, log, report))
+        report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+        return report
+    results, plan = _bench_point(config, setup, rows, config.frames, log)
+    report["rows"] = results
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}")
+    return report
+
+
+def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int, log) -> tuple[list[dict], object]:
+    """Every row at one frame count, side by side (round-robin repeats); ratios to full of this point."""
+    from ..models import adapter_for
+
+    model, tokenizer, guide_model, shared, device = (setup[k] for k in ("model", "tokenizer", "guide_model", "shared", "device"))
     adapter = adapter_for(model)
     question = "what shape is red ?"
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         size = getattr(adapter, "image_size", None) or config.main.get("frame_size", 448)
-        video = bench_video(Path(tmp) / "bench.mp4", config.frames, size)
-        grid = adapter._grid(adapter.pixels(video, config.frames)) if hasattr(adapter, "_grid") else None
+        video = bench_video(Path(tmp) / "bench.mp4", frames, size)
+        grid = adapter._grid(adapter.pixels(video, frames)) if hasattr(adapter, "_grid") else None
         methods = [_method(row, guide_model) for row in rows]
         for method in methods:
             for _ in range(config.warmup):
-                measure(model, tokenizer, video, question, method, config.frames, config.decode_tokens)
+                measure(model, tokenizer, video, question, method, frames, config.decode_tokens)
         # Round-robin over configurations, so a slow spell of a shared machine hits all of them alike.
         repeats = [[] for _ in rows]
         last = [None] * len(rows)
         for repeat in range(config.repeats):
             for i, method in enumerate(methods):
                 with PeakMemory(device) as memory:
-                    last[i] = measure(model, tokenizer, video, question, method, config.frames, config.decode_tokens)
+                    last[i] = measure(model, tokenizer, video, question, method, frames, config.decode_tokens)
                 repeats[i].append({"seconds": last[i]["seconds"], "peak_memory_bytes": memory.peak})
-            log(f"repeat {repeat + 1}/{config.repeats} done")
+            log(f"{frames} frames: repeat {repeat + 1}/{config.repeats} done")
         results = []
         for row, method, runs, m in zip(rows, methods, repeats, last):
             plan, prompt_tokens = m["plan"], m["prompt_tokens"]
@@ -341,6 +377,7 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
             results.append(
                 {
                     **row,
+                    "frames": frames,
                     "description": str(method),
                     "guide_layers": plan.guide_layers,
                     "fastv_layer": plan.layer,
@@ -365,30 +402,87 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
         r["prefill_speedup"] = full["stage_seconds"]["prefill"] / r["stage_seconds"]["prefill"]
         r["llm_side_speedup"] = full["llm_side_seconds"] / r["llm_side_seconds"]
         r["flops_ratio"] = full["prefill_flops"]["total"] / r["prefill_flops"]["total"]
-    report = {
-        "config": asdict(config),
-        "machine": _machine(device),
-        "shared_vision_tower": shared,
-        "geometry": {"main": model.config.to_dict(), "guide": guide_model.config.to_dict() if guide_model else None},
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "rows": results,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}")
-    return report
+    return results, last[0]["plan"]
+
+
+def _sweep(config: BenchConfig, setup: dict, rows: list[dict], out: Path, log, report: dict) -> dict:
+    """The rows at each of `sweep_frames`, ascending. A length whose time, extrapolated from the
+    previous one (quadratically in the prompt, an upper bound once attention dominates), would
+    pass `point_seconds` is not started: the sweep stops there and says so."""
+    lengths = sorted(config.sweep_frames)
+    points, stopped, previous = [], None, None
+    for frames in lengths:
+        if previous is not None:
+            seconds, tokens = previous
+            predicted = seconds * (frames / tokens) ** 2
+            if predicted > config.point_seconds:
+                stopped = {"frames": frames, "predicted_seconds": predicted, "limit_seconds": config.point_seconds,
+                           "reason": f"{frames} frames would take about {predicted:.0f} s (from {tokens} frames' {seconds:.0f} s, "
+                                     f"scaled by the square of the length), over the {config.point_seconds:.0f} s limit per point"}
+                log(f"sweep stops before {frames} frames: {stopped['reason']}")
+                break
+        start = time.perf_counter()
+        results, _ = _bench_point(config, setup, rows, frames, log)
+        elapsed = time.perf_counter() - start
+        points.append({"frames": frames, "seconds": elapsed, "rows": results})
+        previous = (elapsed, frames)
+        # each finished point is kept, marked incomplete until the sweep ends
+        partial = {**report, "complete": False, "sweep": points, "stopped": stopped}
+        (out / "bench.json").write_text(json.dumps(partial, indent=1, default=str))
+    plot_sweep(points, out / "sweep.png", f"{config.name}: cost vs video length")
+    return {"complete": True, "sweep": points, "stopped": stopped, "rows": [r for p in points for r in p["rows"]]}
+
+
+def plot_sweep(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    keys = []
+    for point in points:
+        for r in point["rows"]:
+            key = (r["method"], r["guide"], r["retention"])
+            if key not in keys:
+                keys.append(key)
+    for i, key in enumerate(keys):
+        rs = [(p["frames"], r) for p in points for r in p["rows"] if (r["method"], r["guide"], r["retention"]) == key]
+        xs = [f for f, _ in rs]
+        name = "full" if key[0] == "full" else f"{key[0]}" + ("" if key[1] == "none" else f" + DyToK ({key[1]})") + f" {100 * key[2]:g}%"
+        colour = f"C{i}"
+        left.plot(xs, [r["ttft_seconds"] for _, r in rs], "o-", color=colour, label=f"{name}: to first token")
+        left.plot(xs, [r["llm_side_seconds"] for _, r in rs], "s--", color=colour, alpha=0.6, label=f"{name}: LLM side")
+        if key[1] not in ("none", "inline"):
+            left.plot(xs, [r["stage_seconds"]["guide"] + r["stage_seconds"]["guide_vision"] for _, r in rs], "^:", color=colour,
+                      alpha=0.8, label=f"{name}: guide")
+        memory = [r["peak_rss_mb"] if r["peak_rss_mb"] is not None else r["peak_cuda_mb"] for _, r in rs]
+        right.plot(xs, memory, "o-", color=colour, label=name)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([p["frames"] for p in points], [str(p["frames"]) for p in points])
+        ax.set_xlabel("frames")
+        ax.grid(alpha=0.3)
+    left.set_yscale("log")
+    left.set_ylabel("seconds (median)")
+    right.set_ylabel("peak memory (MB)")
+    left.legend(fontsize=6)
+    right.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def table(rows) -> str:
-    head = (f"{'method':<10}{'guide':<10}{'pool':>5}{'layers':>7}{'retention':>10}{'tokens':>8}{'ttft s':>9}{'ttft x':>8}"
+    head = (f"{'frames':>6} {'method':<10}{'guide':<10}{'pool':>5}{'layers':>7}{'retention':>10}{'tokens':>8}{'ttft s':>9}{'ttft x':>8}"
             f"{'llm-side x':>11}{'prefill x':>10}{'guide %':>8}{'TFLOPs':>8}{'RSS MB':>8}")
     lines = [head]
     for r in rows:
         mem = r["peak_rss_mb"] if r["peak_rss_mb"] is not None else r["peak_cuda_mb"]
         layers = f"{min(r['guide_layers'])}-{max(r['guide_layers'])}" if r["guide_layers"] else "-"
         lines.append(
-            f"{r['method']:<10}{r['guide']:<10}{r['guide_pool']:>5}{layers:>7}{r['retention']:>10g}{r['visual_tokens_kept']:>8}"
+            f"{r.get('frames', '-'):>6} {r['method']:<10}{r['guide']:<10}{r['guide_pool']:>5}{layers:>7}{r['retention']:>10g}{r['visual_tokens_kept']:>8}"
             f"{r['ttft_seconds']:>9.3f}{r['ttft_speedup']:>8.2f}{r['llm_side_speedup']:>11.2f}{r['prefill_speedup']:>10.2f}"
             f"{100 * r['guide_share']:>8.1f}{r['prefill_flops']['total'] / 1e12:>8.3f}{mem:>8.0f}"
         )
