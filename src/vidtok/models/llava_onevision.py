@@ -213,7 +213,7 @@ class LlavaOnevisionAdapter(VideoAdapter):
 
     # LLM -----------------------------------------------------------------------------------
 
-    def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, encoded=None, kept=None) -> dict:
+    def model_inputs(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, encoded=None, kept=None, companions=None) -> dict:
         """Keyword arguments for model(...) / model.generate(...): video_embeds [N, D] fill the N placeholders.
         (Positions are 1-D and the model's own: a compressed prompt is a shorter prompt.)"""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
