@@ -301,3 +301,52 @@ def test_cli_runs_a_saved_checkpoint(model, tokenizer, tmp_path, capsys):
         assert sum(record["budgets"]) == record["total_budget"] == record["visual_tokens_kept"] == 12
     assert main(["run", str(clip), Q, "--model", str(folder), "--json", "--method", "fastv", "--layer", "1", "--frames", "6"]) != 0
     assert "FastV layer >= 2" in capsys.readouterr().err
+
+
+def test_an_odd_count_of_frames_given_as_arrays_repeats_the_last_time(model):
+    adapter = adapter_for(model)
+    video = adapter.pixels(np.zeros((5, 64, 64, 3), dtype=np.uint8))  # taken as 2 fps; the 6th frame repeats the 5th
+    assert adapter.timestamps(video) == pytest.approx([0.25, 1.25, 2.0])
+
+
+def test_frame_times_come_from_the_decoded_frames_when_the_header_has_no_count(tmp_path):
+    import av
+
+    from vidtok.video import read_clip_times
+
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 6, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # the case: no frame count in the header
+    frames, times = read_clip_times(path, 4)
+    assert times == pytest.approx([0.0, 13 / 4, 26 / 4, 39 / 4])  # indices 0, 13, 26, 39 of the 40 decoded
+    assert abs(int(frames[1].mean()) - 13 * 6) <= 6
+
+
+def test_eval_and_bench_on_a_saved_checkpoint(model, tokenizer, tmp_path):
+    from vidtok.harness.bench import BenchConfig, run_bench
+    from vidtok.harness.evaluate import EvalConfig, evaluate
+    from vidtok.testbed.synth import write_split
+
+    folder = tmp_path / "ck"
+    loaded = saved(model, tokenizer, folder, min_pixels=4 * 64 * 64, max_pixels=4 * 64 * 64)
+    split = write_split(tmp_path / "split", seed=1, count=2, frames=4)
+    with pytest.raises(ValueError, match="FastV layer >= 2"):  # refused before any sample, not sample by sample
+        evaluate(EvalConfig(split=str(split), out=str(tmp_path / "e1"), methods=["fastv"], guides=["none"], retentions=[0.5], layer=1),
+                 loaded, tokenizer, progress=False)
+    assert not (tmp_path / "e1" / "fastv-none-r0.5").exists()
+    summaries = evaluate(EvalConfig(split=str(split), out=str(tmp_path / "e2"), methods=["visionzip", "fastv"], guides=["none", "self"],
+                                    retentions=[0.5]), loaded, tokenizer, progress=False)
+    assert all(s["samples"] == 2 and s["failed"] == 0 for s in summaries)
+    config = BenchConfig(name="q3", main={"path": str(folder)}, frames=4, repeats=1, warmup=0, decode_tokens=1,
+                         runs=[{"method": "visionzip", "guide": "self", "retentions": [0.25]}])
+    rows = run_bench(config, tmp_path / "b", log=lambda *a: None)["rows"]
+    assert [r["method"] for r in rows] == ["full", "visionzip"] and rows[1]["visual_tokens_kept"] == 8
+    assert rows[1]["prefill_flops"] is None and rows[1]["ttft_seconds"] > 0  # timed; FLOPs are not modelled for this family

@@ -73,13 +73,18 @@ def _sample_clip(path, frames, fps, default) -> tuple[np.ndarray, list[int], flo
             raise VideoError(f"{path!r} states no frame rate or frame count: sample a fixed number of frames instead of fps")
         frames = int(min(total, max(1, round(total / rate * fps))))
     count = default if frames is None else frames
-    decoded = read_frames(path, count)
-    indices = sample_indices(total, count) if total >= count else list(range(count))
+    decoded, indices = _decode(path, count)
     return decoded, indices, rate
 
 
 def read_frames(path: str | os.PathLike, frames: int) -> np.ndarray:
     """Decode `frames` uniformly sampled RGB frames: uint8 [F, H, W, 3]."""
+    return _decode(path, frames)[0]
+
+
+def _decode(path, frames: int) -> tuple[np.ndarray, list[int]]:
+    """The frames and the indices of the decoded frames they are (what their times derive from:
+    the header's frame count can be absent or wrong, the indices are what was decoded)."""
     import av
 
     path = os.fspath(path)
@@ -98,14 +103,15 @@ def read_frames(path: str | os.PathLike, frames: int) -> np.ndarray:
                     if count - 1 in wanted:
                         kept[count - 1] = frame.to_ndarray(format="rgb24")
                 if count == stream.frames:
-                    return np.stack([kept[i] for i in wanted])
+                    return np.stack([kept[i] for i in wanted]), wanted
         with av.open(path) as container:
             decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     except av.error.FFmpegError as error:
         raise VideoError(f"cannot read video {path!r}: {error}; check the file is a video FFmpeg can decode") from None
     if not decoded:
         raise VideoError(f"{path!r} holds no decodable frames")
-    return np.stack([decoded[i] for i in sample_indices(len(decoded), frames)])
+    indices = sample_indices(len(decoded), frames)
+    return np.stack([decoded[i] for i in indices]), indices
 
 
 def preprocess(frames: np.ndarray | torch.Tensor, size: int, mean: Sequence[float] = (0.5,) * 3, std: Sequence[float] = (0.5,) * 3) -> torch.Tensor:

@@ -219,8 +219,15 @@ def measure(model, tokenizer, video, question, method, frames, decode_tokens) ->
     return {"seconds": dict(seconds), "plan": prepared.plan, "prompt_tokens": int(prepared.inputs["input_ids"].shape[1])}
 
 
-def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, grid=None) -> dict:
+FLOPS_FAMILIES = ("llava_onevision", "qwen2_5_vl")  # whose vision towers and LLMs vidtok.flops models
+
+
+def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, grid=None) -> dict | None:
+    """Analytic FLOPs of the stages, or None for a family vidtok.flops does not model (Qwen3-VL's
+    DeepStack mergers, Qwen3.5's linear-attention layers, MoE experts): timings only."""
     config = model.config
+    if config.model_type not in FLOPS_FAMILIES:
+        return None
     in_prompt = sum(plan.vision_budgets) if plan.vision_budgets is not None else plan.visual_tokens_kept  # visual tokens the LLM receives
     trailing = adapter_trailing(model)
     text_tokens = prompt_tokens - in_prompt - trailing
@@ -312,6 +319,9 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
         guide_spec = {"family": config.main.get("family"), **config.guide} if config.main.get("family") else config.guide
         guide_model = build_model(guide_spec, config.seed + 1, dtype, device, vision_from=config.main.get("vision"))
         if config.guide.get("share_vision"):
+            if model.config.model_type not in FLOPS_FAMILIES:
+                raise ValueError(f"share_vision in a bench config copies a LLaVA-OV or Qwen2.5-VL vision tower; {model.config.model_type} "
+                                 "assistants run their own tower: drop share_vision")
             if model.config.model_type == "qwen2_5_vl":  # the blocks are shared; each model keeps its own merger
                 blocks = {k: v for k, v in model.model.visual.state_dict().items() if not k.startswith("merger.")}
                 guide_model.model.visual.load_state_dict(blocks, strict=False)
@@ -401,7 +411,7 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
         r["ttft_speedup"] = full["ttft_seconds"] / r["ttft_seconds"]
         r["prefill_speedup"] = full["stage_seconds"]["prefill"] / r["stage_seconds"]["prefill"]
         r["llm_side_speedup"] = full["llm_side_seconds"] / r["llm_side_seconds"]
-        r["flops_ratio"] = full["prefill_flops"]["total"] / r["prefill_flops"]["total"]
+        r["flops_ratio"] = full["prefill_flops"]["total"] / r["prefill_flops"]["total"] if r["prefill_flops"] else None
     return results, last[0]["plan"]
 
 
@@ -484,7 +494,7 @@ def table(rows) -> str:
         lines.append(
             f"{r.get('frames', '-'):>6} {r['method']:<10}{r['guide']:<10}{r['guide_pool']:>5}{layers:>7}{r['retention']:>10g}{r['visual_tokens_kept']:>8}"
             f"{r['ttft_seconds']:>9.3f}{r['ttft_speedup']:>8.2f}{r['llm_side_speedup']:>11.2f}{r['prefill_speedup']:>10.2f}"
-            f"{100 * r['guide_share']:>8.1f}{r['prefill_flops']['total'] / 1e12:>8.3f}{mem:>8.0f}"
+            f"{100 * r['guide_share']:>8.1f}{(r['prefill_flops']['total'] / 1e12 if r['prefill_flops'] else float('nan')):>8.3f}{mem:>8.0f}"
         )
     return "\n".join(lines)
 

@@ -314,6 +314,11 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
         raise ValueError("guide 'assistant' needs an assistant model; pass --assistant or drop it from --guides")
     root = writable_dir(config.out)
     adapter = adapter_for(model)
+    if any(run[0] == "fastv" for run in runs):  # refused once, before any sample, not sample by sample
+        from ..compressors import FastV
+
+        FastV(retention=1.0, layer=config.layer).check_layer(adapter.num_layers)
+        adapter.check_drop_layer(config.layer)
     split_sha256 = hashlib.sha256(split_file(config.split).read_bytes()).hexdigest()
     model_id, tokenizer_id = model_fingerprint(model), tokenizer_fingerprint(tokenizer)
     assistant_id = model_fingerprint(assistant) if assistant is not None else None
@@ -378,7 +383,7 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
         atomic_write_json(root / "sharing.json", sharing)  # this invocation's: rewritten every run, never stale
         if sharing["videos"]:
             saved = sharing["saved_seconds"]
-            log(f"shared work: {sharing['videos']} videos x {sharing['configurations']} configuration runs; the vision encoder ran "
+            log(f"shared work: {sharing['videos']} videos, {sharing['configurations']} runs; the vision encoder ran "
                 f"{sharing['computed'].get('vision', 0)} times (+{sharing['computed'].get('guide_vision', 0)} assistant towers), "
                 f"guide passes {sharing['computed'].get('guide', 0)} times; sharing saved {saved.get('vision', 0.0):.1f} s of vision, "
                 f"{saved.get('guide_vision', 0.0):.1f} s of assistant vision and {saved.get('guide', 0.0):.1f} s of guide passes "

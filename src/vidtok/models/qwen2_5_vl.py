@@ -196,12 +196,13 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             raise VideoError(f"the pixel values hold {bad} NaN or infinite values; clean the frames (e.g. torch.nan_to_num) before calling")
         if frames is not None and pixels.shape[0] != frames:
             raise VideoError(f"the video has {pixels.shape[0]} frames, {frames} were asked for")
-        if times is not None and len(times) not in (pixels.shape[0], pixels.shape[0] + (-pixels.shape[0] % self.temporal)):
+        if times is None:  # frames given without a file: evenly spaced; a padding frame then repeats the last time
+            times = [i * seconds for i in range(pixels.shape[0])]
+        if len(times) not in (pixels.shape[0], pixels.shape[0] + (-pixels.shape[0] % self.temporal)):
             raise VideoError(f"{len(times)} frame times for {pixels.shape[0]} frames")
         if pad := -pixels.shape[0] % self.temporal:  # the processor's rule: repeat the last frame (and its time)
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
-        if times is not None:
-            times = tuple(float(t) for t in times) + (float(times[-1]),) * (pixels.shape[0] - len(times))
+        times = tuple(float(t) for t in times) + (float(times[-1]),) * (pixels.shape[0] - len(times))
         return QwenVideo(pixels, float(seconds), times)
 
     def video_shape(self, pixels: QwenVideo) -> tuple[int, int]:
