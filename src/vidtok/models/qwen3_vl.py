@@ -150,6 +150,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     # prompt and LLM ------------------------------------------------------------------------
 
+    def input_ids(self, tokenizer, question: str, video_tokens: int) -> torch.Tensor:
+        raise TypeError("a Qwen3-VL prompt lays the video out per group (timestamps): use prompt_ids(tokenizer, question, counts, pixels)")
+
     def prompt_ids(self, tokenizer, question: str, counts: list[int], pixels: QwenVideo | None = None) -> torch.Tensor:
         """The chat prompt with the video laid out per group: timestamp, vision start, counts[g]
         placeholders, vision end."""
