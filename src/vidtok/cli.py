@@ -211,6 +211,14 @@ def cmd_eval(args) -> int:
         kept = "-" if s["needle_survival"] is None else f"{100 * s['needle_survival']:.1f}%"
         print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} {100 * s['accuracy']:>8.1f}% {ci:>15} {kept:>12} "
               f"{s['mean_kept_tokens']:>7.1f} {s['failed']:>6}")
+    kinds = sorted({k for s in summaries for k in (s.get("by_kind") or {})})
+    if kinds:
+        print("accuracy by question kind (%):")
+        print(f"{'method':<10} {'guide':<10} {'retention':>9} " + " ".join(f"{k:>8}" for k in kinds))
+        for s in summaries:
+            by = s.get("by_kind") or {}
+            print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} "
+                  + " ".join(f"{100 * by[k]['accuracy']:>8.1f}" if k in by else f"{'-':>8}" for k in kinds))
     failed = {f["index"]: f["reason"] for s in summaries for f in s["failures"]}
     if failed:
         index, reason = next(iter(failed.items()))
@@ -282,7 +290,14 @@ def cmd_synth(args) -> int:
     from .testbed.synth import write_split
 
     writable_dir(args.out)
-    path = write_split(args.out, args.seed, args.count, frames=args.frames, needles=args.needles)
+    if args.task == "events":
+        from .testbed.events import write_event_split
+
+        if args.needles is not None:
+            raise UsageError("--needles sets the needle task's needle count; the events task always has three events")
+        path = write_event_split(args.out, args.seed, args.count, frames=args.frames or 32)
+    else:
+        path = write_split(args.out, args.seed, args.count, frames=args.frames or 16, needles=args.needles or 2)
     print(f"wrote {args.count} videos and {path}")
     return 0
 
@@ -416,8 +431,10 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("out")
     syn.add_argument("--count", type=_count, default=200)
     syn.add_argument("--seed", type=int, default=1)
-    syn.add_argument("--frames", type=_count, default=16)
-    syn.add_argument("--needles", type=_count, default=2)
+    syn.add_argument("--task", choices=("needle", "events"), default="needle",
+                     help="needle: v1 (one-token needles, one frame each); events: v2 (multi-frame events, 2x2-token objects, four question kinds)")
+    syn.add_argument("--frames", type=_count, help="frames per video (default 16 for needle, 32 for events)")
+    syn.add_argument("--needles", type=_count, help="needle task: needles per video (default 2)")
     syn.set_defaults(func=cmd_synth)
     return p
 

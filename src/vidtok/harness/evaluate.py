@@ -190,6 +190,14 @@ def _record_problem(record: dict, frames: int, tokens_per_frame: int) -> str | N
                 return f"{key} {value!r} is outside the video's {size} {what}"
     if not isinstance(record.get("answer"), str):
         return f"answer {record.get('answer')!r} is not a string"
+    evidence = record.get("evidence")
+    if evidence is not None:
+        pairs = evidence if isinstance(evidence, list) else None
+        if pairs is None or any(not isinstance(p, list) or len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p)
+                                or not (0 <= p[0] < frames and 0 <= p[1] < tokens_per_frame) for p in pairs):
+            return f"evidence must be [frame, token] pairs inside the video's {frames} frames x {tokens_per_frame} tokens"
+    if "kind" in record and not isinstance(record["kind"], str):
+        return f"kind {record['kind']!r} is not a string"
     return None
 
 
@@ -389,6 +397,8 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
                 f"{saved.get('guide_vision', 0.0):.1f} s of assistant vision and {saved.get('guide', 0.0):.1f} s of guide passes "
                 f"(sharing.json)")
         plot_accuracy(summaries, root / "accuracy.png")
+        if any(s.get("by_kind") for s in summaries):
+            plot_by_kind(summaries, root / "accuracy_by_kind.png")
     return summaries
 
 
@@ -407,6 +417,8 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
 
     pending = [run for run, state in states.items() if state.needs(index)]
     head = {"index": index, "id": record.get("id"), "question": record.get("question")}
+    if "kind" in record:
+        head["kind"] = record["kind"]
     try:
         pixels = adapter.pixels(record["video"], record.get("frames"))
         problem = _record_problem(record, pixels.shape[0], adapter.video_shape(pixels)[1])
@@ -428,6 +440,8 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
         prediction = words[0] if words else ""
         unit = record["needle_frame"] // adapter.frames_per_unit if "needle_frame" in record else None  # Qwen-VL: a frame pair
         survived = record["needle_token"] in plan.kept[unit] if unit is not None else None
+        evidence = {(f // adapter.frames_per_unit, t) for f, t in record.get("evidence") or []}
+        evidence_kept = sum(t in plan.kept[u] for u, t in evidence) / len(evidence) if evidence else None
         states[run].add(
             {
                 **head,
@@ -435,6 +449,7 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
                 "prediction": prediction,
                 "correct": prediction == record["answer"],
                 "needle_kept": survived,
+                "evidence_kept": evidence_kept,
                 "budgets": plan.budgets,
                 "frame_weights": plan.frame_weights,
                 "kept_tokens": plan.visual_tokens_kept,
@@ -471,6 +486,7 @@ def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict
         "accuracy_ci95": wilson(correct, n) if n else None,
         "needle_survival": sum(survived) / len(survived) if survived else None,
         "mean_kept_tokens": sum(s["kept_tokens"] for s in samples) / n if n else None,
+        "by_kind": _by_kind(samples),
         # a stage reused from another configuration is timed as "<stage>_reused" (the seconds it took once)
         "mean_seconds": {k: sum(s["seconds"].get(k, 0.0) for s in samples) / n for k in sorted({k for s in samples for k in s["seconds"]})},
         "failures": failed,
@@ -479,6 +495,59 @@ def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict
         "identity": state.identity,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def _by_kind(samples: list[dict]) -> dict | None:
+    """Accuracy (95% Wilson) and evidence survival per question kind, for splits whose records name one."""
+    kinds = sorted({s["kind"] for s in samples if "kind" in s})
+    if not kinds:
+        return None
+    out = {}
+    for kind in kinds:
+        rows = [s for s in samples if s.get("kind") == kind]
+        correct = sum(s["correct"] for s in rows)
+        kept = [s["evidence_kept"] for s in rows if s.get("evidence_kept") is not None]
+        out[kind] = {"samples": len(rows), "accuracy": correct / len(rows), "accuracy_ci95": wilson(correct, len(rows)),
+                     "evidence_kept": sum(kept) / len(kept) if kept else None}
+    return out
+
+
+def plot_by_kind(summaries: list[dict], path: Path) -> None:
+    """One panel per question kind: accuracy vs retention per method, full as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = [s for s in summaries if s.get("by_kind")]
+    kinds = sorted({k for s in summaries for k in s["by_kind"]})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 4), squeeze=False)
+    groups = sorted({(s["method"], s["guide"]) for s in summaries if s["method"] != "full"})
+    for ax, kind in zip(axes[0], kinds):
+        for s in summaries:
+            if s["method"] == "full" and kind in s["by_kind"]:
+                ax.axhline(100 * s["by_kind"][kind]["accuracy"], color="black", linestyle=":", label="full")
+        for i, (method, guide) in enumerate(groups):
+            pts = sorted((s["retention"], s["by_kind"][kind]) for s in summaries
+                         if (s["method"], s["guide"]) == (method, guide) and kind in s["by_kind"])
+            xs = [100 * r for r, _ in pts]
+            label = {"keyframe": "keyframe selection"}.get(method, method) + ("" if guide == "none" else f" ({guide})")
+            ax.plot(xs, [100 * k["accuracy"] for _, k in pts], "o-", color=f"C{i}", label=label)
+            ax.fill_between(xs, [100 * k["accuracy_ci95"][0] for _, k in pts], [100 * k["accuracy_ci95"][1] for _, k in pts],
+                            color=f"C{i}", alpha=0.08)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({100 * s["retention"] for s in summaries if s["method"] != "full"})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(f"{kind} ({summaries[0]['by_kind'].get(kind, {}).get('samples', 0)} questions)", fontsize=9)
+        ax.set_xlabel("visual tokens kept (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_accuracy(summaries: list[dict], path: Path) -> None:
