@@ -212,3 +212,17 @@ def test_a_length_sweep_measures_each_length_and_stops_where_told(tmp_path):
     assert report["stopped"]["frames"] == 4 and "over the" in report["stopped"]["reason"]
     with pytest.raises(ValueError, match="sweep_frames must be a list of whole numbers"):
         BenchConfig(name="x", main={"toy": "test"}, sweep_frames=[16, 0])
+
+
+def test_goal_report_reads_the_default_guide_rows():
+    from vidtok.harness.bench import goal_report
+
+    def row(guide, retention, speedup, layers=None):
+        return {"guide": guide, "retention": retention, "llm_side_speedup": speedup, "layers": layers, "guide_pool": 1,
+                "default_guide": guide != "none" and layers is None, "description": f"{guide}-{layers}"}
+
+    rows = [row("none", 0.25, 5.6), row("assistant", 0.25, 3.9), row("assistant", 0.25, 4.8, layers="1"), row("assistant", 0.1, 11.5)]
+    report = goal_report(rows, {"0.25": 4.6, "0.1": 11})
+    assert report["0.25"]["reached"] is False and report["0.25"]["short_by"] == pytest.approx(0.7)
+    assert report["0.25"]["best_row"]["layers"] == "1"  # a non-default setting reaches it, reported beside
+    assert report["0.1"]["reached"] is True and report["0.1"]["short_by"] == 0.0

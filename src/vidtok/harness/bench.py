@@ -44,6 +44,7 @@ class BenchConfig:
     seed: int = 0
     sweep_frames: list | None = field(default=None, metadata={"help": "a length sweep: every run at each frame count, ascending"})
     point_seconds: float = field(default=600.0, metadata={"help": "sweep: skip a length whose predicted time passes this"})
+    goal: dict | None = field(default=None, metadata={"help": 'LLM-side speedup goals of the default-guide rows, {"0.25": 4.6, "0.1": 11}'})
 
     def __post_init__(self):
         if self.sweep_frames is not None:
@@ -347,6 +348,8 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
         return report
     results, plan = _bench_point(config, setup, rows, config.frames, log)
     report["rows"] = results
+    if config.goal:
+        report["goal"] = goal_report(results, config.goal)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
     plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}")
@@ -389,6 +392,8 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
                     **row,
                     "frames": frames,
                     "description": str(method),
+                    # a guided row with every guide setting at vidtok's default (layers: calibrated, else the last third)
+                    "default_guide": row["guide"] != "none" and row["layers"] is None and row["guide_pool"] == 1,
                     "guide_layers": plan.guide_layers,
                     "fastv_layer": plan.layer,
                     "flops_retention": plan.flops_retention,
@@ -413,6 +418,27 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
         r["llm_side_speedup"] = full["llm_side_seconds"] / r["llm_side_seconds"]
         r["flops_ratio"] = full["prefill_flops"]["total"] / r["prefill_flops"]["total"] if r["prefill_flops"] else None
     return results, last[0]["plan"]
+
+
+def goal_report(rows: list[dict], goal: dict) -> dict:
+    """Per retention: the goal, the best LLM-side speedup of a default-guide row, whether it is reached
+    and by how much it falls short; and the best row with any guide setting, for comparison."""
+    out = {}
+    for retention, target in goal.items():
+        r = float(retention)
+        guided = [row for row in rows if row["guide"] != "none" and abs(row["retention"] - r) < 1e-9]
+        default = [row for row in guided if row["default_guide"]]
+        best = max(default, key=lambda row: row["llm_side_speedup"], default=None)
+        any_best = max(guided, key=lambda row: row["llm_side_speedup"], default=None)
+        out[retention] = {
+            "goal": target,
+            "default_guide_speedup": best["llm_side_speedup"] if best else None,
+            "reached": bool(best and best["llm_side_speedup"] >= target),
+            "short_by": max(0.0, target - best["llm_side_speedup"]) if best else None,
+            "best_row": None if any_best is None else {"description": any_best["description"], "layers": any_best["layers"],
+                                                       "guide_pool": any_best["guide_pool"], "llm_side_speedup": any_best["llm_side_speedup"]},
+        }
+    return out
 
 
 def _sweep(config: BenchConfig, setup: dict, rows: list[dict], out: Path, log, report: dict) -> dict:

@@ -40,16 +40,22 @@ GEOMETRIES = {
 }
 
 
-def build_tokenizer(family: str = "llava_onevision"):
+def build_tokenizer(family: str = "llava_onevision", events: bool = False):
     """Word-level tokenizer with the toy vocabulary and a chat template (saved as tokenizer.json);
     `family="qwen2_5_vl"` adds Qwen-VL's vision markers and renders a video as they do; the
-    timestamped families (Qwen3-VL, Qwen3.5) also the words of their timestamps."""
+    timestamped families (Qwen3-VL, Qwen3.5) also the words of their timestamps; `events` (LLaVA-OV)
+    the words of testbed v2's questions and answers, after v1's, so v1's ids stay."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     qwen = family != "llava_onevision"
     timestamped = family in TIMESTAMPED
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + (QWEN_SPECIALS if qwen else ()) + (TIME_WORDS if timestamped else ()))}
+    if events and family != "llava_onevision":
+        raise ValueError("the events (testbed v2) vocabulary is built for the toy LLaVA-OV family")
+    from .events import V2_WORDS
+
+    extra = (QWEN_SPECIALS if qwen else ()) + (TIME_WORDS if timestamped else ()) + (V2_WORDS if events else ())
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + extra)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     if timestamped:

@@ -181,6 +181,168 @@ def train_joint(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum,
     return history
 
 
+# Testbed v2 (LLaVA-OV): the shipped v1 pair fine-tuned on v1 + v2 questions ---------------------
+
+
+def _event_batch(rng, frames, batch, tokenizer, adapter):
+    """A batch of v2 samples: input ids (prompt, answer, end), pixels, answers, the queried colour,
+    and per sample the visual token indices its answer needs (the pull target of the guide layer)."""
+    from .events import KINDS, make_event_sample
+
+    kind = KINDS[int(rng.integers(len(KINDS)))]  # one kind per batch: one question length, so one answer position
+    samples = [make_event_sample(rng, kind, frames=frames) for _ in range(batch)]
+    per_frame = adapter.tokens_per_frame
+    prompt = [adapter.input_ids(tokenizer, s.question, frames * per_frame + 1)[0] for s in samples]
+    vocab = tokenizer.get_vocab()
+    answers = torch.tensor([vocab[s.answer] for s in samples])
+    eos = torch.full((batch, 1), tokenizer.eos_token_id)
+    input_ids = torch.cat([torch.stack(prompt), answers[:, None], eos], dim=1)
+    pixels = torch.stack([preprocess(s.frames, 64) for s in samples])
+    colour = torch.tensor([COLOURS.index(next(w for w in s.question.split() if w in COLOURS)) for s in samples])
+    target = torch.zeros(batch, frames * per_frame)
+    for i, s in enumerate(samples):
+        for f, token in s.evidence:
+            target[i, f * per_frame + token] = 1.0
+    return input_ids, pixels, answers, colour, target, [s.kind for s in samples]
+
+
+def _needle_batch(rng, frames, batch, tokenizer, adapter):
+    samples = [make_sample(rng, frames=frames, needles=min(2, frames)) for _ in range(batch)]
+    per_frame = adapter.tokens_per_frame
+    prompt = [adapter.input_ids(tokenizer, s.question, frames * per_frame + 1)[0] for s in samples]
+    vocab = tokenizer.get_vocab()
+    answers = torch.tensor([vocab[s.answer] for s in samples])
+    eos = torch.full((batch, 1), tokenizer.eos_token_id)
+    input_ids = torch.cat([torch.stack(prompt), answers[:, None], eos], dim=1)
+    pixels = torch.stack([preprocess(s.frames, 64) for s in samples])
+    colour = torch.tensor([COLOURS.index(s.question.split()[-2]) for s in samples])
+    target = torch.zeros(batch, frames * per_frame)
+    for i, s in enumerate(samples):
+        target[i, s.needle_frame * per_frame + s.needle_token] = 1.0
+    return input_ids, pixels, answers, colour, target, ["v1"] * batch
+
+
+def train_mixed(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum, advance_at, deadline, attend_layer=1, v1_share=0.25):
+    """Fine-tuning on v1 needles and v2 events, the vision tower frozen: answer + end token, the
+    probe naming the queried colour after layer 0, and the last prompt token's attention at
+    `attend_layer` (softmax over the visual keys, mean over heads: what a guide reads) pulled onto
+    the tokens the answer needs. v2's frame curriculum advances when v2 train accuracy passes
+    `advance_at`; a share `v1_share` of the steps are v1 batches at 16 frames."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from .._seam import observe_attention
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    level, recent, history, by_kind = 0, [], [], {}
+    for step in range(steps):
+        v1 = rng.random() < v1_share
+        frames = 16 if v1 else curriculum[level]
+        batch_fn = _needle_batch if v1 else _event_batch
+        input_ids, pixels, answers, colour, target, kinds = batch_fn(rng, frames, batch, tokenizer, adapter)
+        video = _video_tokens(model, pixels)
+        last = input_ids.shape[1] - 3  # the last prompt token predicts the answer
+        visual = (input_ids[0] == adapter.video_token_id).nonzero().squeeze(1)[:-1]  # the newline last
+        attention = {}
+
+        def observe(module, query, key, scaling, **_):
+            k = key[:, :, visual].repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            attention["probs"] = (torch.einsum("bhd,bhnd->bhn", query[:, :, last], k) * scaling).softmax(-1).mean(1)
+
+        with observe_attention(model, ["text_config"], {adapter.decoder_layers[attend_layer].self_attn: observe}):
+            out = model(input_ids=input_ids, mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=video)},
+                        output_hidden_states=True, use_cache=False)
+        answer_loss = F.cross_entropy(out.logits[:, last], answers) + F.cross_entropy(out.logits[:, last + 1], input_ids[:, -1])
+        probe_loss = F.cross_entropy(heads.probe(out.hidden_states[1][:, last]), colour)
+        pull = -(attention["probs"] * target).sum(-1).clamp(min=1e-6).log().mean()
+        loss = answer_loss + 0.5 * probe_loss + 0.5 * pull
+        _schedule(optimizer, step, lr)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        hits = (out.logits[:, last].argmax(-1) == answers).float()
+        for kind, hit in zip(kinds, hits.tolist()):
+            by_kind[kind] = (by_kind.get(kind, []) + [hit])[-200:]
+        if not v1:
+            recent = (recent + [hits.mean().item()])[-20:]
+        accuracy = sum(recent) / len(recent) if recent else 0.0
+        history.append({"step": step, "frames": frames, "loss": loss.item(), "v2_accuracy": accuracy, "v1": v1})
+        if step % 25 == 0:
+            kinds_text = " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(by_kind.items()))
+            log(f"mixed step {step} frames {frames} loss {loss.item():.3f} (answer {answer_loss.item():.3f} pull {pull.item():.3f}) "
+                f"v2 acc {accuracy:.3f} | {kinds_text}")
+        if len(recent) == 20 and accuracy >= advance_at and level + 1 < len(curriculum):
+            level, recent = level + 1, []
+            log(f"step {step}: v2 curriculum -> {curriculum[level]} frames")
+        if time.process_time() > deadline:
+            log(f"step {step}: time budget spent")
+            break
+    history[-1]["by_kind"] = {k: sum(v) / len(v) for k, v in by_kind.items()}
+    return history
+
+
+def main_mixed(args):
+    """--task mixed: start from a shipped v1 model (--start), extend its vocabulary with v2's
+    words, and fine-tune on v1 + v2 with its vision tower frozen."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "training.log", "w")
+
+    def log(message):
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    torch.set_num_threads(args.threads or 1)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    if not args.start:
+        raise SystemExit("--task mixed fine-tunes a shipped v1 model: give --start FOLDER (e.g. src/vidtok/testbed/assets/toy-main)")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(args.start).train()
+    tokenizer = build_tokenizer(events=True)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)  # v1's ids are kept; v2's words appended
+    model.config.text_config.vocab_size = len(tokenizer)
+    heads = AuxHeads(model.config.text_config.hidden_size)
+    log(f"from {args.start}: vocabulary {old} -> {len(tokenizer)} words")
+    start, cpu_start = time.monotonic(), time.process_time()
+    curriculum = [int(x) for x in args.curriculum.split(",")]
+    history = train_mixed(model, heads, tokenizer, args.steps, args.batch, args.lr, rng, log, curriculum, args.advance_at,
+                          deadline=time.process_time() + 60 * args.minutes, attend_layer=args.attend_layer)
+    model.eval()
+    seconds, cpu_seconds = time.monotonic() - start, time.process_time() - cpu_start
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps({"args": vars(args), "seconds": seconds, "cpu_seconds": cpu_seconds,
+                                                   "history": history[-50:]}, indent=1))
+    final = history[-1]
+    command = (f"python -m vidtok.testbed.train --task mixed --start {args.start} --geometry {args.geometry} --out {args.out}"
+               f" --minutes {args.minutes:g} --seed {args.seed}")
+    (out / "README.md").write_text(f"""# vidtok toy model, testbed v1 + v2 ({args.geometry})
+
+The shipped v1 toy model `{Path(args.start).name}` (LLaVA-OneVision architecture) fine-tuned on v1
+needle questions and testbed v2 event questions (`vidtok.testbed.events`: needle, order, count,
+change; 2x2-token objects lasting 2-6 frames), its vocabulary extended by v2's words and its
+vision tower frozen. A testbed for token compression, not a general video model.
+
+- Command: `{command}`
+- {seconds / 60:.1f} minutes ({cpu_seconds / 60:.1f} CPU minutes, {args.threads or 1} thread(s)); last v2 curriculum length
+  {final['frames'] if not final['v1'] else curriculum[-1]} frames; train accuracy over the last 200 samples per kind:
+  {', '.join(f"{k} {v:.2f}" for k, v in sorted(final.get('by_kind', {}).items()))}.
+- Losses: answer and end token; a probe naming the queried colour after LLM layer 0; the last
+  prompt token's attention at LLM layer {args.attend_layer} pulled onto the tokens the answer needs
+  (training-only heads, not part of this checkpoint).
+""")
+    log(f"saved to {out} after {seconds:.0f} s")
+    log_file.close()
+
+
 # Qwen2.5-VL ---------------------------------------------------------------------------------
 
 QWEN_SIZE = 64  # frames are used as they are: min = max pixels = 64 x 64
@@ -505,6 +667,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to save the model, tokenizer and card to")
     parser.add_argument("--family", default="llava_onevision", choices=["llava_onevision", "qwen2_5_vl"], help="model family")
+    parser.add_argument("--task", default="needle", choices=["needle", "mixed"],
+                        help="needle: v1 from scratch; mixed: fine-tune a shipped v1 model (--start) on v1 + v2 (LLaVA-OV)")
+    parser.add_argument("--start", help="--task mixed: the v1 model folder to start from")
     parser.add_argument("--geometry", default="main", help="toy geometry: main, assistant or test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=32)
@@ -530,6 +695,13 @@ def main(argv=None):
                              "which more threads slow down)")
     args = parser.parse_args(argv)
     qwen = args.family == "qwen2_5_vl"
+    if args.task == "mixed":
+        if qwen:
+            parser.error("--task mixed is for the toy LLaVA-OV family")
+        args.curriculum = args.curriculum or "16,32"
+        args.steps = args.steps or 4000
+        args.minutes = args.minutes or 25.0
+        return main_mixed(args)
     for name, llava, qwen_default in (("curriculum", "1,2,4,8,16", "1,2,4,8,16"), ("steps", 3000, 8000), ("minutes", 15.0, 25.0),
                                       ("anneal", None, 1000)):
         if getattr(args, name) is None:
