@@ -226,3 +226,24 @@ def test_goal_report_reads_the_default_guide_rows():
     assert report["0.25"]["reached"] is False and report["0.25"]["short_by"] == pytest.approx(0.7)
     assert report["0.25"]["best_row"]["layers"] == "1"  # a non-default setting reaches it, reported beside
     assert report["0.1"]["reached"] is True and report["0.1"]["short_by"] == 0.0
+
+
+def test_the_guide_pass_builds_no_prompt_by_prompt_matrix():
+    """At 4,112 prompt tokens one [heads, S, S] float32 matrix of the toy is 270 MB; the guide pass
+    (the LLM up to the guide layer through the sdpa kernel, the last row's attention read) must
+    stay far below one."""
+    model = build_toy_model("test", seed=0)
+    tokenizer = build_tokenizer()
+    adapter = adapter_for(model)
+    frames = 256
+    features = torch.randn(frames * adapter.tokens_per_frame + 1, model.config.text_config.hidden_size)
+    ids = adapter.input_ids(tokenizer, "what shape is red ?", features.shape[0])
+    heads, length = model.config.text_config.num_attention_heads, ids.shape[1]
+    matrix = heads * length * length * 4
+    with torch.no_grad():
+        adapter.token_attention(ids, features, [0, 1])  # warm: allocator pools, kernels
+        with PeakMemory(torch.device("cpu")) as memory:
+            before = PeakMemory.rss()
+            weights = adapter.token_attention(ids, features, [0, 1])
+    assert weights.shape == (2, frames * adapter.tokens_per_frame)
+    assert memory.peak - before < matrix / 3, (memory.peak - before, matrix)
