@@ -18,7 +18,20 @@ The toy Qwen2.5-VL pair (`--family qwen2_5_vl`) follows the same recipe with the
     python -m vidtok.testbed.train --family qwen2_5_vl --geometry assistant \
         --vision-from src/vidtok/testbed/assets/toy-qwen2.5-vl --out src/vidtok/testbed/assets/toy-qwen2.5-vl-assistant
 
-What differs, and why. A merged token covers one 16-px cell in *both* frames of its pair, so it
+The v1 + v2 pair (testbed v2, `vidtok.testbed.events`) is the shipped v1 pair fine-tuned:
+
+    python -m vidtok.testbed.train --task mixed --start src/vidtok/testbed/assets/toy-main --geometry main \
+        --out src/vidtok/testbed/assets/toy-v2-main --minutes 25 --lr 2e-3 --advance-at 0.8
+    python -m vidtok.testbed.train --task mixed --start src/vidtok/testbed/assets/toy-assistant --geometry assistant \
+        --out src/vidtok/testbed/assets/toy-v2-assistant --minutes 20 --lr 2e-3 --advance-at 0.8
+
+The vocabulary gains v2's words (after v1's, whose ids stay), the vision tower stays frozen (v2's
+objects are v1's shapes and colours, cell by cell), a quarter of the batches are v1 needles at 16
+frames, the rest one v2 kind per batch on a 16 -> 32 frame curriculum; the last prompt token's
+attention at LLM layer 1 is pulled onto the answer's evidence tokens (the guide layer both
+models' calibration found), and the word embeddings learn at 5x the rate (new answer words).
+
+What differs for Qwen2.5-VL, and why. A merged token covers one 16-px cell in *both* frames of its pair, so it
 often holds two objects, and the answer needs binding: the shape of the object whose colour was
 asked, not of its neighbour in the other frame.
 
@@ -97,7 +110,7 @@ def _video_tokens(model, pixels):
 
 def _schedule(optimizer, step, lr, warmup=50):
     for group in optimizer.param_groups:
-        group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        group["lr"] = lr * group.get("scale", 1.0) * min(1.0, (step + 1) / warmup)
 
 
 def train_vision(model, heads, steps, batch, lr, rng, log):
@@ -236,7 +249,11 @@ def train_mixed(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum,
     adapter = adapter_for(model)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    # the (tied) word embeddings learn at 5x: v2's answer words start at the mean embedding, many
+    # nats below v1's shapes, and at the common rate count and change stayed at 0% for 200 steps
+    embedding = model.get_input_embeddings().weight
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p is not embedding], "scale": 1.0},
+                                   {"params": [embedding], "scale": 5.0}], lr=lr, weight_decay=0.01)
     level, recent, history, by_kind = 0, [], [], {}
     for step in range(steps):
         v1 = rng.random() < v1_share
