@@ -16,8 +16,7 @@ class UsageError(ValueError):
 
 # shipped toy models, usable wherever a model folder is (a folder of that name in the working directory wins)
 SHIPPED = {"toy": "toy-main", "toy-assistant": "toy-assistant", "toy-llava-ov": "toy-main", "toy-llava-ov-assistant": "toy-assistant",
-           "toy-qwen2.5-vl": "toy-qwen2.5-vl", "toy-qwen2.5-vl-assistant": "toy-qwen2.5-vl-assistant",
-           "toy-v2": "toy-v2-main", "toy-v2-assistant": "toy-v2-assistant"}
+           "toy-qwen2.5-vl": "toy-qwen2.5-vl", "toy-qwen2.5-vl-assistant": "toy-qwen2.5-vl-assistant"}
 
 
 def shipped_path(name) -> Path:
