@@ -247,3 +247,13 @@ def test_the_guide_pass_builds_no_prompt_by_prompt_matrix():
             weights = adapter.token_attention(ids, features, [0, 1])
     assert weights.shape == (2, frames * adapter.tokens_per_frame)
     assert memory.peak - before < matrix / 3, (memory.peak - before, matrix)
+
+
+def test_the_sweep_extrapolates_from_the_measured_growth():
+    from vidtok.harness.bench import predict_seconds
+
+    assert predict_seconds([(16, 10.0)], 32)[0] == pytest.approx(40.0)  # one point: the square of the length
+    seconds, how = predict_seconds([(16, 10.0), (32, 20.0)], 64)  # measured linear growth continues
+    assert seconds == pytest.approx(40.0) and "length^1.00" in how
+    assert predict_seconds([(16, 10.0), (32, 30.0)], 64)[0] == pytest.approx(90.0)
+    assert predict_seconds([(16, 10.0), (32, 9.0)], 64)[0] == pytest.approx(18.0)  # never below linear

@@ -441,27 +441,40 @@ def goal_report(rows: list[dict], goal: dict) -> dict:
     return out
 
 
+def predict_seconds(measured: list[tuple[int, float]], frames: int) -> tuple[float, str]:
+    """Time of a sweep point at `frames` from the (frames, seconds) measured so far, and how."""
+    (n1, t1) = measured[-1]
+    if len(measured) >= 2:
+        (n0, t0) = measured[-2]
+        if n1 > n0 and t1 > 0 and t0 > 0:
+            import math
+
+            exponent = max(1.0, math.log(t1 / t0) / math.log(n1 / n0))  # never below linear
+            return t1 * (frames / n1) ** exponent, f"growing as length^{exponent:.2f}, as measured from {n0} to {n1} frames"
+    return t1 * (frames / n1) ** 2, "scaled by the square of the length"
+
+
 def _sweep(config: BenchConfig, setup: dict, rows: list[dict], out: Path, log, report: dict) -> dict:
     """The rows at each of `sweep_frames`, ascending. A length whose time, extrapolated from the
-    previous one (quadratically in the prompt, an upper bound once attention dominates), would
-    pass `point_seconds` is not started: the sweep stops there and says so."""
+    points before it, would pass `point_seconds` is not started: the sweep stops there and says so.
+    The extrapolation follows the growth measured between the last two points (a power law in the
+    length); after the first point alone, the square of the length (attention's bound)."""
     lengths = sorted(config.sweep_frames)
-    points, stopped, previous = [], None, None
+    points, stopped = [], None
     for frames in lengths:
-        if previous is not None:
-            seconds, tokens = previous
-            predicted = seconds * (frames / tokens) ** 2
+        if points:
+            predicted, how = predict_seconds([(p["frames"], p["seconds"]) for p in points], frames)
             if predicted > config.point_seconds:
+                last = points[-1]
                 stopped = {"frames": frames, "predicted_seconds": predicted, "limit_seconds": config.point_seconds,
-                           "reason": f"{frames} frames would take about {predicted:.0f} s (from {tokens} frames' {seconds:.0f} s, "
-                                     f"scaled by the square of the length), over the {config.point_seconds:.0f} s limit per point"}
+                           "reason": f"{frames} frames would take about {predicted:.0f} s (from {last['frames']} frames' "
+                                     f"{last['seconds']:.0f} s, {how}), over the {config.point_seconds:.0f} s limit per point"}
                 log(f"sweep stops before {frames} frames: {stopped['reason']}")
                 break
         start = time.perf_counter()
         results, _ = _bench_point(config, setup, rows, frames, log)
         elapsed = time.perf_counter() - start
         points.append({"frames": frames, "seconds": elapsed, "rows": results})
-        previous = (elapsed, frames)
         # each finished point is kept, marked incomplete until the sweep ends
         partial = {**report, "complete": False, "sweep": points, "stopped": stopped}
         (out / "bench.json").write_text(json.dumps(partial, indent=1, default=str))
