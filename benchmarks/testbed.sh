@@ -18,3 +18,8 @@ vidtok viz --retention 0.125 --out benchmarks/results/viz-sample.png
 vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-qwen2.5-vl --plot benchmarks/results/prior-toy-qwen2.5-vl.png
 vidtok calibrate data/calib --model src/vidtok/testbed/assets/toy-qwen2.5-vl-assistant --plot benchmarks/results/prior-toy-qwen2.5-vl-assistant.png
 vidtok eval data/test16 --model toy-qwen2.5-vl --assistant toy-qwen2.5-vl-assistant --methods visionzip,fastv --guides none,self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-test16-qwen2.5-vl --quiet --overwrite
+# binary keyframe selection (the guide's top frames whole) beside DyToK's proportional split
+vidtok eval data/test16 --methods keyframe,visionzip --guides self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-test16-keyframe --quiet --overwrite
+vidtok eval data/hard32 --methods keyframe,visionzip --guides self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-hard32-keyframe --quiet --overwrite
+# testbed v2 questions (no v2-trained pair is shipped yet: README)
+vidtok synth data/v2test --task events --count 200 --seed 1
