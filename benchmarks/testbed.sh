@@ -23,3 +23,5 @@ vidtok eval data/test16 --methods keyframe,visionzip --guides self,assistant --r
 vidtok eval data/hard32 --methods keyframe,visionzip --guides self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-hard32-keyframe --quiet --overwrite
 # testbed v2 questions (no v2-trained pair is shipped yet: README)
 vidtok synth data/v2test --task events --count 200 --seed 1
+# accuracy vs analytic guide cost per guide setting (v1 and the hard split; v2 once a v2 pair exists)
+python benchmarks/guide_curve.py --model src/vidtok/testbed/assets/toy-main --assistant src/vidtok/testbed/assets/toy-assistant --split data/test16 --split data/hard32 --out benchmarks/results/guide-curve
