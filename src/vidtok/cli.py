@@ -309,7 +309,8 @@ def _report(r) -> None:
     fastv = f", FastV layer {r['layer']} (same prefill FLOPs as retention {r['flops_retention']:.3f} before the LLM)" if r.get("layer") else ""
     print(f"method:   {r['method']}{guide}, retention {r['retention']:g}{fastv}")
     print(f"kept {r['visual_tokens_kept']} of {r['visual_tokens_in']} visual tokens "
-          f"({r['frames']} frames x {r['tokens_per_frame']}), budget {r['total_budget']}")
+          f"({r['frames']} {'temporal groups' if r.get('unit') == 'temporal_group' else 'frames'} x {r['tokens_per_frame']}), "
+          f"budget {r['total_budget']}")
     print(f"budgets:  {' '.join(map(str, r['budgets']))}")
     if r["frame_weights"]:
         print(f"weights:  {' '.join(f'{w:.2f}' for w in r['frame_weights'])}")
