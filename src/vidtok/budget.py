@@ -42,6 +42,19 @@ def _floats(weights) -> list[float]:
         return [float(w / top) for w in exact]
 
 
+def _weights_and_caps(weights, cap) -> tuple[list[float], list]:
+    """Weights as finite non-negative floats, and one cap per frame (from one int or a sequence)."""
+    weights = _floats(weights)
+    if not weights:
+        raise ValueError("no frames to allocate a budget to")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"frame weights must be finite and >= 0, got {weights}")
+    caps = list(cap) if isinstance(cap, Sequence) else [cap] * len(weights)
+    if len(caps) != len(weights):
+        raise ValueError(f"{len(caps)} per-frame caps for {len(weights)} frames")
+    return weights, caps
+
+
 def allocate_budgets(weights: Sequence[float], total: int, cap: int | Sequence[int], floor: int = 0) -> list[int]:
     """Split `total` tokens across frames in proportion to `weights`, at most `cap` per frame.
 
@@ -54,15 +67,8 @@ def allocate_budgets(weights: Sequence[float], total: int, cap: int | Sequence[i
        descending weight (ties: lower index first).
     Returns one int per frame; their sum is exactly `total`.
     """
-    weights = _floats(weights)
+    weights, caps = _weights_and_caps(weights, cap)
     frames = len(weights)
-    if frames == 0:
-        raise ValueError("no frames to allocate a budget to")
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"frame weights must be finite and >= 0, got {weights}")
-    caps = list(cap) if isinstance(cap, Sequence) else [cap] * frames
-    if len(caps) != frames:
-        raise ValueError(f"{len(caps)} per-frame caps for {frames} frames")
     for name, value in (("total", total), ("floor", floor), *(("cap", c) for c in caps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -111,15 +117,8 @@ def keyframe_budgets(weights: Sequence[float], total: int, cap: int | Sequence[i
     index first) keep all their tokens (`cap`) until `total` is spent; the last one chosen keeps
     what is left, every other frame nothing. The baseline DyToK's proportional split is compared to.
     """
-    weights = _floats(weights)
+    weights, caps = _weights_and_caps(weights, cap)
     frames = len(weights)
-    if frames == 0:
-        raise ValueError("no frames to allocate a budget to")
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise ValueError(f"frame weights must be finite and >= 0, got {weights}")
-    caps = list(cap) if isinstance(cap, Sequence) else [cap] * frames
-    if len(caps) != frames:
-        raise ValueError(f"{len(caps)} per-frame caps for {frames} frames")
     if isinstance(total, bool) or not isinstance(total, int) or total < 0 or total > sum(caps):
         raise ValueError(f"budget {total!r} must be a whole number in 0..{sum(caps)} (the frames' caps)")
     budgets, left = [0] * frames, total

@@ -247,6 +247,24 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         """
         from transformers.vision_utils import get_vision_window_index
 
+        out, patch_signals, (groups, h, w) = self._run_tower(pixels, signals)
+        per_unit = (h // self.merge) * (w // self.merge)
+        features = out.pooler_output[0].reshape(groups, per_unit, -1)
+        frame_signals = None
+        if signals:
+            vision = self.model.config.vision_config
+            window_index, _ = get_vision_window_index(torch.tensor([[groups, h, w]]), self.merge, vision.window_size, self.patch)
+            frame_signals = self._token_signals(patch_signals, groups, per_unit, torch.argsort(window_index))
+        interval = self.tokens_per_second * self.temporal * pixels.seconds_per_frame
+        meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "interval": interval, "grid": (groups, h, w)}
+        # the blocks' output, in the encoder's window order: an assistant whose blocks are these runs only its own merger
+        return EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=out.last_hidden_state, meta=meta)
+
+    def _run_tower(self, pixels: QwenVideo, signals: bool):
+        """The vision tower on the video's patches: (its output, and with `signals` the ranking block's
+        attention received [P] (mean over heads and queries) and keys [P, d] (mean over heads) per
+        patch in the encoder's order, else None; the grid (groups, h, w)). The block attends within
+        one temporal group per kernel call: one softmax(QK^T) of a group at a time, never the video's."""
         groups, h, w = self._grid(pixels)
         grid = torch.tensor([[groups, h, w]], device=self.device)
         patches = self._patchify(pixels).to(self.device, self.dtype)
@@ -256,28 +274,23 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             probs = (query[0].float() @ key[0].float().transpose(-1, -2) * scaling).softmax(-1)
             chunks.append((probs.mean(dim=(0, 1)), key[0].float().mean(dim=0)))
 
-        if signals:
-            with observe_attention(self.model, ["vision_config"], {self._ranking_block(): observe}):
-                out = self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True)
-        else:
+        if not signals:
+            return self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True), None, (groups, h, w)
+        with observe_attention(self.model, ["vision_config"], {self._ranking_block(): observe}):
             out = self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True)
-        per_unit = (h // self.merge) * (w // self.merge)
-        features = out.pooler_output[0].reshape(groups, per_unit, -1)
-        frame_signals = None
-        if signals:
-            if len(chunks) != groups:
-                raise RuntimeError(f"the ranking block attended in {len(chunks)} pieces for {groups} temporal groups")
-            vision = self.model.config.vision_config
-            window_index, _ = get_vision_window_index(grid.cpu(), self.merge, vision.window_size, self.patch)
-            raster = torch.argsort(window_index)
-            unit = self.merge**2
-            attention = torch.cat([a for a, _ in chunks]).reshape(-1, unit).mean(1)[raster.to(self.device)]
-            metric = torch.cat([k for _, k in chunks]).reshape(-1, unit, chunks[0][1].shape[-1]).mean(1)[raster.to(self.device)]
-            frame_signals = FrameSignals(attention=attention.reshape(groups, per_unit), metric=metric.reshape(groups, per_unit, -1))
-        interval = self.tokens_per_second * self.temporal * pixels.seconds_per_frame
-        meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "interval": interval, "grid": (groups, h, w)}
-        # the blocks' output, in the encoder's window order: an assistant whose blocks are these runs only its own merger
-        return EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=out.last_hidden_state, meta=meta)
+        if len(chunks) != groups:
+            raise RuntimeError(f"the ranking block attended in {len(chunks)} pieces for {groups} temporal groups")
+        return out, (torch.cat([a for a, _ in chunks]), torch.cat([k for _, k in chunks])), (groups, h, w)
+
+    def _token_signals(self, patch_signals, groups: int, per_unit: int, order=None) -> FrameSignals:
+        """Per-patch signals averaged over the 2x2 patches one LLM token merges; `order` puts the
+        tokens into the merger output's raster order (None: they already are)."""
+        attention, keys = patch_signals
+        unit = self.merge**2
+        attention, keys = attention.reshape(-1, unit).mean(1), keys.reshape(-1, unit, keys.shape[-1]).mean(1)
+        if order is not None:
+            attention, keys = attention[order.to(attention.device)], keys[order.to(keys.device)]
+        return FrameSignals(attention=attention.reshape(groups, per_unit), metric=keys.reshape(groups, per_unit, -1))
 
     def project(self, vision_hidden, like: EncodedVideo) -> EncodedVideo:
         """Another model's vision blocks' output (window order) through this model's merger, back to raster order."""

@@ -27,8 +27,6 @@ import re
 
 import torch
 
-from .._seam import observe_attention
-from ..compressors.base import FrameSignals
 from ..video import VideoError, read_clip_times
 from .base import EncodedVideo
 from .mrope import vision_block
@@ -115,31 +113,11 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         VisionZip signals from the last block (attention received: mean over heads and queries of
         one group's attention; keys: mean over heads; both averaged over the 2x2 patches a token
         merges; no window reordering, Qwen3-VL's blocks attend over the whole group)."""
-        groups, h, w = self._grid(pixels)
-        grid = torch.tensor([[groups, h, w]], device=self.device)
-        patches = self._patchify(pixels).to(self.device, self.dtype)
-        chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def observe(module, query, key, scaling, **_):
-            probs = (query[0].float() @ key[0].float().transpose(-1, -2) * scaling).softmax(-1)
-            chunks.append((probs.mean(dim=(0, 1)), key[0].float().mean(dim=0)))
-
-        if signals:
-            with observe_attention(self.model, ["vision_config"], {self._ranking_block(): observe}):
-                out = self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True)
-        else:
-            out = self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True)
+        out, patch_signals, (groups, h, w) = self._run_tower(pixels, signals)
         per_unit = (h // self.merge) * (w // self.merge)
         features = out.pooler_output[0].reshape(groups, per_unit, -1)
         deepstack = [f[0].reshape(groups, per_unit, -1) for f in (getattr(out, "deepstack_features", None) or [])]  # companions
-        frame_signals = None
-        if signals:
-            if len(chunks) != groups:
-                raise RuntimeError(f"the ranking block attended in {len(chunks)} pieces for {groups} temporal groups")
-            unit = self.merge**2
-            attention = torch.cat([a for a, _ in chunks]).reshape(-1, unit).mean(1)
-            metric = torch.cat([k for _, k in chunks]).reshape(-1, unit, chunks[0][1].shape[-1]).mean(1)
-            frame_signals = FrameSignals(attention=attention.reshape(groups, per_unit), metric=metric.reshape(groups, per_unit, -1))
+        frame_signals = self._token_signals(patch_signals, groups, per_unit) if signals else None
         meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "grid": (groups, h, w)}
         return EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=None, meta=meta,
                             companions=deepstack)

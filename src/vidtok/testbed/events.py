@@ -21,9 +21,8 @@ asked event's first frame and its top-left token, so v1 tools (calibrate, needle
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,17 +136,6 @@ def event_samples(seed: int, count: int, **kwargs):
 
 def write_event_split(out_dir: str | os.PathLike, seed: int, count: int, **kwargs) -> Path:
     """`count` samples as mp4 files plus `questions.jsonl` (with each record's `kind`); returns the JSONL path."""
-    from ..video import write_video
+    from .synth import write_samples
 
-    out = Path(out_dir)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, sample in enumerate(event_samples(seed, count, **kwargs)):
-        name = f"videos/{i:05d}.mp4"
-        write_video(out / name, sample.frames)
-        record = asdict(sample)
-        del record["frames"]
-        lines.append(json.dumps({"id": i, "video": name, "frames": len(sample.frames), **record}))
-    path = out / "questions.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_samples(out_dir, event_samples(seed, count, **kwargs))

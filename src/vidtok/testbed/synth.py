@@ -104,16 +104,21 @@ def samples(seed: int, count: int, **kwargs):
 
 def write_split(out_dir: str | os.PathLike, seed: int, count: int, **kwargs) -> Path:
     """Write `count` samples as mp4 files plus `questions.jsonl`; returns the JSONL path."""
+    return write_samples(out_dir, samples(seed, count, **kwargs))
+
+
+def write_samples(out_dir: str | os.PathLike, generated) -> Path:
+    """Samples (dataclasses with `frames`) as mp4 files plus `questions.jsonl`: every field but the
+    frames (and per-cell training labels) goes into the record; returns the JSONL path."""
     from ..video import write_video
 
     out = Path(out_dir)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, sample in enumerate(samples(seed, count, **kwargs)):
+    for i, sample in enumerate(generated):
         name = f"videos/{i:05d}.mp4"
         write_video(out / name, sample.frames)
-        record = asdict(sample)
-        del record["frames"], record["labels"]
+        record = {k: v for k, v in asdict(sample).items() if k not in ("frames", "labels")}
         lines.append(json.dumps({"id": i, "video": name, "frames": len(sample.frames), **record}))
     path = out / "questions.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -194,6 +194,19 @@ def train_joint(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum,
     return history
 
 
+def _training_log(out: Path):
+    """A log function printing each line and appending it to out/training.log, and that file."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "training.log", "w")
+
+    def log(message):
+        print(message, flush=True)
+        log_file.write(message + "\n")
+        log_file.flush()
+
+    return log, log_file
+
+
 # Testbed v2 (LLaVA-OV): the shipped v1 pair fine-tuned on v1 + v2 questions ---------------------
 
 
@@ -308,13 +321,7 @@ def main_mixed(args):
     from transformers import LlavaOnevisionForConditionalGeneration
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "training.log", "w")
-
-    def log(message):
-        print(message, flush=True)
-        log_file.write(message + "\n")
-        log_file.flush()
+    log, log_file = _training_log(out)
 
     torch.set_num_threads(args.threads or 1)
     torch.manual_seed(args.seed)
@@ -598,13 +605,7 @@ def main_qwen(args):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "training.log", "w")
-
-    def log(message):
-        print(message, flush=True)
-        log_file.write(message + "\n")
-        log_file.flush()
+    log, log_file = _training_log(out)
 
     torch.set_num_threads(args.threads or 1)
     torch.manual_seed(args.seed)
