@@ -210,42 +210,37 @@ def _training_log(out: Path):
 # Testbed v2 (LLaVA-OV): the shipped v1 pair fine-tuned on v1 + v2 questions ---------------------
 
 
-def _event_batch(rng, frames, batch, tokenizer, adapter):
-    """A batch of v2 samples: input ids (prompt, answer, end), pixels, answers, the queried colour,
-    and per sample the visual token indices its answer needs (the pull target of the guide layer)."""
-    from .events import KINDS, make_event_sample
-
-    kind = KINDS[int(rng.integers(len(KINDS)))]  # one kind per batch: one question length, so one answer position
-    samples = [make_event_sample(rng, kind, frames=frames) for _ in range(batch)]
+def _tensors(samples, evidence, kinds, frames, tokenizer, adapter):
+    """Samples -> input ids (prompt, answer, end), pixels, answers, the queried colour, and the pull
+    target: 1 on the visual tokens the answer needs (`evidence`: (frame, token) pairs per sample)."""
     per_frame = adapter.tokens_per_frame
     prompt = [adapter.input_ids(tokenizer, s.question, frames * per_frame + 1)[0] for s in samples]
     vocab = tokenizer.get_vocab()
     answers = torch.tensor([vocab[s.answer] for s in samples])
-    eos = torch.full((batch, 1), tokenizer.eos_token_id)
+    eos = torch.full((len(samples), 1), tokenizer.eos_token_id)
     input_ids = torch.cat([torch.stack(prompt), answers[:, None], eos], dim=1)
     pixels = torch.stack([preprocess(s.frames, 64) for s in samples])
     colour = torch.tensor([COLOURS.index(next(w for w in s.question.split() if w in COLOURS)) for s in samples])
-    target = torch.zeros(batch, frames * per_frame)
-    for i, s in enumerate(samples):
-        for f, token in s.evidence:
+    target = torch.zeros(len(samples), frames * per_frame)
+    for i, pairs in enumerate(evidence):
+        for f, token in pairs:
             target[i, f * per_frame + token] = 1.0
-    return input_ids, pixels, answers, colour, target, [s.kind for s in samples]
+    return input_ids, pixels, answers, colour, target, kinds
+
+
+def _event_batch(rng, frames, batch, tokenizer, adapter):
+    """A batch of v2 samples of one kind (one question length, so one answer position)."""
+    from .events import KINDS, make_event_sample
+
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+    samples = [make_event_sample(rng, kind, frames=frames) for _ in range(batch)]
+    return _tensors(samples, [s.evidence for s in samples], [s.kind for s in samples], frames, tokenizer, adapter)
 
 
 def _needle_batch(rng, frames, batch, tokenizer, adapter):
+    """A batch of v1 needle samples; the evidence is the needle's token."""
     samples = [make_sample(rng, frames=frames, needles=min(2, frames)) for _ in range(batch)]
-    per_frame = adapter.tokens_per_frame
-    prompt = [adapter.input_ids(tokenizer, s.question, frames * per_frame + 1)[0] for s in samples]
-    vocab = tokenizer.get_vocab()
-    answers = torch.tensor([vocab[s.answer] for s in samples])
-    eos = torch.full((batch, 1), tokenizer.eos_token_id)
-    input_ids = torch.cat([torch.stack(prompt), answers[:, None], eos], dim=1)
-    pixels = torch.stack([preprocess(s.frames, 64) for s in samples])
-    colour = torch.tensor([COLOURS.index(s.question.split()[-2]) for s in samples])
-    target = torch.zeros(batch, frames * per_frame)
-    for i, s in enumerate(samples):
-        target[i, s.needle_frame * per_frame + s.needle_token] = 1.0
-    return input_ids, pixels, answers, colour, target, ["v1"] * batch
+    return _tensors(samples, [[(s.needle_frame, s.needle_token)] for s in samples], ["v1"] * batch, frames, tokenizer, adapter)
 
 
 def train_mixed(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum, advance_at, deadline, attend_layer=1, v1_share=0.25):
