@@ -350,3 +350,15 @@ def test_eval_and_bench_on_a_saved_checkpoint(model, tokenizer, tmp_path):
     rows = run_bench(config, tmp_path / "b", log=lambda *a: None)["rows"]
     assert [r["method"] for r in rows] == ["full", "visionzip"] and rows[1]["visual_tokens_kept"] == 8
     assert rows[1]["prefill_flops"] is None and rows[1]["ttft_seconds"] > 0  # timed; FLOPs are not modelled for this family
+
+
+def test_fps_sampling_counts_frames_as_the_video_processor_does(model, tmp_path):
+    from vidtok.video import write_video
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, np.random.default_rng(1).integers(0, 256, size=(40, 64, 64, 3), dtype=np.uint8), fps=4)  # 10 s
+    adapter = adapter_for(model)
+    # int(10 s x fps) frames, at least min_frames (4), at most the clip's 40
+    for fps, expected in ((0.1, 4), (1, 10), (1.5, 15), (2, 20), (8, 40)):
+        video = adapter.pixels(str(clip), fps=fps)
+        assert video.shape[0] == expected + expected % 2, fps

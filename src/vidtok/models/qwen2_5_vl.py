@@ -74,6 +74,7 @@ def _preprocessor_settings(folder: str) -> dict:
                 config = json.load(f)
             size = config.get("size") or {}
             for key, value in (("image_mean", config.get("image_mean")), ("image_std", config.get("image_std")),
+                               ("min_frames", config.get("min_frames")), ("max_frames", config.get("max_frames")),
                                ("min_pixels", config.get("min_pixels", size.get("shortest_edge"))),
                                ("max_pixels", config.get("max_pixels", size.get("longest_edge")))):
                 if value is not None:
@@ -121,6 +122,7 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         self.image_std = tuple(settings.get("image_std", self.default_std))
         self.min_pixels = int(settings.get("min_pixels", self.default_min_pixels))
         self.max_pixels = int(settings.get("max_pixels", self.default_max_pixels))
+        self.min_frames, self.max_frames = int(settings.get("min_frames", 4)), int(settings.get("max_frames", 768))
 
     def layout(self) -> dict:
         return {
