@@ -1,5 +1,6 @@
-"""Qwen3.5: Qwen3-VL's timestamped video layout in front of a hybrid LLM (linear-attention layers
-between attention layers). Tiny model built in code; references written out here."""
+"""Qwen3.5 and Qwen3.5-MoE: Qwen3-VL's timestamped video layout in front of a hybrid LLM
+(linear-attention layers between attention layers). Tiny models built in code; references
+written out here."""
 
 import json
 
@@ -22,9 +23,9 @@ def tokenizer():
     return build_tokenizer("qwen3_5")
 
 
-@pytest.fixture
-def model():
-    model = build_qwen3_toy_model("qwen3_5", seed=0)
+@pytest.fixture(params=["qwen3_5", "qwen3_5_moe"])
+def model(request):
+    model = build_qwen3_toy_model(request.param, seed=0)
     with torch.no_grad():  # transformers adds its output-recording hooks at the first vision forward
         model.model.get_video_features(torch.zeros(16, 3 * 2 * 8 * 8), video_grid_thw=torch.tensor([[1, 4, 4]]))
     return model

@@ -7,7 +7,7 @@ import os
 from .base import EncodedVideo, VideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter, QwenVideo
-from .qwen3_vl import Qwen3_5Adapter, Qwen3VLAdapter, Qwen3VLMoeAdapter
+from .qwen3_vl import Qwen3_5Adapter, Qwen3_5MoeAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 _ADAPTERS: dict[str, type] = {}
 
@@ -47,5 +47,6 @@ register_adapter("qwen2_5_vl", Qwen2_5_VLAdapter)
 register_adapter("qwen3_vl", Qwen3VLAdapter)
 register_adapter("qwen3_vl_moe", Qwen3VLMoeAdapter)
 register_adapter("qwen3_5", Qwen3_5Adapter)
+register_adapter("qwen3_5_moe", Qwen3_5MoeAdapter)
 
 __all__ = ["EncodedVideo", "QwenVideo", "UnsupportedModelError", "VideoAdapter", "adapter_for", "register_adapter", "supported_model_types"]

@@ -258,3 +258,20 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
                 f"FastV ranks tokens by the last token's attention at layer {layer - 1}, a linear-attention layer of this "
                 f"model (no attention weights); pick a FastV layer just after an attention layer: {valid}"
             )
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """Qwen3.5-MoE (`qwen3_5_moe`): Qwen3.5 with mixture-of-experts MLPs; layout, positions and the
+    hybrid attention as Qwen3.5 (a dense Qwen3.5 may guide it)."""
+
+    model_type = "qwen3_5_moe"
+    family = "Qwen3.5-MoE"
+
+    @staticmethod
+    def model_classes():
+        from transformers import Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeModel
+
+        return Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeModel
+
+    def layout(self) -> dict:
+        return {**super().layout(), "model_type": "qwen3_5"}

@@ -132,23 +132,27 @@ def qwen3_toy_config(model_type: str = "qwen3_vl", patch_size: int = 8, deepstac
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True},
             "pad_token_id": SPECIALS.index("<pad>"), "tie_word_embeddings": True}
     config_cls = Qwen3VLConfig
-    if model_type == "qwen3_5":  # a hybrid LLM: linear-attention (gated delta rule) layers between attention layers
-        from transformers import Qwen3_5Config
+    if model_type in ("qwen3_5", "qwen3_5_moe"):  # a hybrid LLM: linear-attention (gated delta rule) layers between attention layers
+        from transformers import Qwen3_5Config, Qwen3_5MoeConfig
 
         text.update({"layer_types": (["linear_attention", "full_attention"] * text_layers)[:text_layers], "head_dim": 16,
                      "linear_conv_kernel_dim": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
                      "linear_num_key_heads": 2, "linear_num_value_heads": 4})
         text["rope_parameters"] = {**text["rope_parameters"], "partial_rotary_factor": 0.5}
         config_cls, deepstack = Qwen3_5Config, ()
+        if model_type == "qwen3_5_moe":
+            text.update({"moe_intermediate_size": width, "shared_expert_intermediate_size": width, "num_experts": 4,
+                         "num_experts_per_tok": 2})
+            config_cls = Qwen3_5MoeConfig
     elif model_type == "qwen3_vl_moe":
         text.update({"moe_intermediate_size": width, "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1})
         config_cls = Qwen3VLMoeConfig
     elif model_type != "qwen3_vl":
-        raise ValueError(f"unknown Qwen3 model type {model_type!r}: qwen3_vl, qwen3_vl_moe or qwen3_5")
+        raise ValueError(f"unknown Qwen3 model type {model_type!r}: qwen3_vl, qwen3_vl_moe, qwen3_5 or qwen3_5_moe")
     vision = {"depth": max(deepstack, default=0) + 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
               "out_hidden_size": width, "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2,
               "num_position_embeddings": 64, "in_channels": 3}
-    if model_type != "qwen3_5":
+    if not model_type.startswith("qwen3_5"):
         vision["deepstack_visual_indexes"] = list(deepstack)
     return config_cls(
         vision_config=vision,
