@@ -171,3 +171,13 @@ def test_cli_runs_a_saved_checkpoint(model, tokenizer, tmp_path, capsys):
         assert sum(record["budgets"]) == record["total_budget"] == 12
     assert main(["run", str(clip), Q, "--model", str(folder), "--json", "--method", "fastv", "--layer", "3", "--frames", "6"]) != 0
     assert "linear-attention layer" in capsys.readouterr().err
+
+
+def test_a_dense_and_an_moe_qwen3_5_guide_each_other(model, tokenizer, pixels):
+    other = build_qwen3_toy_model("qwen3_5" if model.config.model_type == "qwen3_5_moe" else "qwen3_5_moe", seed=3)
+    reference = reference_inputs(model, tokenizer, pixels)
+    with torch.no_grad():
+        expected = model.generate(**reference, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generate(model, tokenizer, pixels, Q, DyToK(VisionZip(1.0), guide=other), max_new_tokens=3).sequences, expected)
+    plan = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=other), max_new_tokens=1).plan
+    assert plan.guide == "assistant" and plan.guide_layers == [3] and sum(plan.budgets) == 12
