@@ -343,8 +343,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     if fastv is None:
         vision_budget = total_budget(retention, num_frames, per_frame)
     else:
-        fastv.check_layer(adapter.num_layers)
-        adapter.check_drop_layer(fastv.layer)
+        adapter.check_fastv_layer(fastv.layer)
         vision_budget = total_budget(encoder.retention, num_frames, per_frame)
     # FastV alone: the share kept from layer K is the method's retention (DyToK's, which defaults to FastV's own)
     llm_share = None if fastv is None else fastv.retention if isinstance(base, Composed) else retention
@@ -459,8 +458,7 @@ def fastv_retention_for_flops(model, tokenizer, question: str, video, layer: int
     paper's comparison of methods at equal FLOPs."""
     _check_question(tokenizer, question)
     adapter = adapter_for(model)
-    FastV(retention=1.0, layer=layer).check_layer(adapter.num_layers)
-    adapter.check_drop_layer(layer)
+    adapter.check_fastv_layer(FastV(retention=1.0, layer=layer).layer)  # the constructor checks it is a whole number
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise ValueError(f"a FLOPs share must be in (0, 1], got {share!r}")
     pixels = adapter.pixels(video, frames)

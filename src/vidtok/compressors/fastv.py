@@ -56,10 +56,6 @@ class FastV(Compressor):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
             raise ValueError(f"FastV's layer must be a whole number >= 1 (the LLM layer where tokens are dropped), got {self.layer!r}")
 
-    def check_layer(self, num_layers: int) -> None:
-        if not 1 <= self.layer <= num_layers - 1:
-            raise ValueError(f"FastV's layer {self.layer} is outside 1..{num_layers - 1} for an LLM of {num_layers} layers; pick a layer in that range")
-
     def select(self, features, budget, frame, signals):
         raise TypeError("FastV drops tokens inside the LLM; run it through vidtok.generate / vidtok.prepare")
 

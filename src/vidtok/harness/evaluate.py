@@ -323,10 +323,7 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     root = writable_dir(config.out)
     adapter = adapter_for(model)
     if any(run[0] == "fastv" for run in runs):  # refused once, before any sample, not sample by sample
-        from ..compressors import FastV
-
-        FastV(retention=1.0, layer=config.layer).check_layer(adapter.num_layers)
-        adapter.check_drop_layer(config.layer)
+        adapter.check_fastv_layer(config.layer)
     split_sha256 = hashlib.sha256(split_file(config.split).read_bytes()).hexdigest()
     model_id, tokenizer_id = model_fingerprint(model), tokenizer_fingerprint(tokenizer)
     assistant_id = model_fingerprint(assistant) if assistant is not None else None

@@ -173,18 +173,16 @@ def _check_fits(args: ModelArgs, guide: str, layers, model, assistant) -> None:
     (LLaVA-OneVision); a family whose units and their tokens follow each video (Qwen-VL's
     temporal groups, sized by the resolution) has them checked per sample."""
     from ..budget import total_budget
-    from ..compressors import FastV
     from ..models import adapter_for
 
     main = adapter_for(model)
-    depth, frames = main.num_layers, args.frames
+    frames = args.frames
     per_frame = getattr(main, "tokens_per_frame", None) if main.unit == "frame" else None
     composed, fastv = "+" in args.method, "fastv" in args.method
     which = f"layers={args.layers}" if args.layers is not None else f"the calibrated guide layers {layers}"
     try:
         if fastv:
-            FastV(retention=1.0, layer=args.layer).check_layer(depth)
-            main.check_drop_layer(args.layer)
+            main.check_fastv_layer(args.layer)
     except ValueError as error:
         raise ModelArgsError(f"layer={args.layer}: {error}") from None
     try:

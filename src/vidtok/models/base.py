@@ -29,7 +29,8 @@ depend on the video's resolution.
                                   exists (all, except in hybrid LLMs such as Qwen3.5's)
     guide_layers(layers)          guide layers resolved for this LLM (None: the last third of its
                                   attention layers); a layer without attention is a clear error
-    check_drop_layer(K)           refuses a FastV layer the family cannot drop from (DeepStack layers)
+    check_fastv_layer(K)          FastV's layer K: inside 1..L-1, and one the family can drop from
+                                  (check_drop_layer: DeepStack layers, a ranking layer without attention)
     layout()                      what an assistant must share with the main model
 
 Adapters are built per call and hold no state between calls; only they know a model's internals.
@@ -102,8 +103,14 @@ class VideoAdapter:
     def prompt_ids(self, tokenizer, question: str, counts: list[int], pixels=None) -> torch.Tensor:
         return self.input_ids(tokenizer, question, sum(counts) + self.trailing_tokens)
 
+    def check_fastv_layer(self, layer: int) -> None:
+        if not 1 <= layer <= self.num_layers - 1:
+            raise ValueError(f"FastV's layer {layer} is outside 1..{self.num_layers - 1} for an LLM of {self.num_layers} layers; "
+                             "pick a layer in that range")
+        self.check_drop_layer(layer)
+
     def check_drop_layer(self, layer: int) -> None:
-        pass
+        """What a family adds to check_fastv_layer (nothing here)."""
 
     @property
     def attention_layers(self) -> list[int]:
