@@ -54,14 +54,21 @@ def read_clip(path: str | os.PathLike, frames: int | None = None, fps: float | N
     return decoded, spacing
 
 
-def read_clip_times(path: str | os.PathLike, frames: int | None = None, fps: float | None = None, default: int = 32) -> tuple[np.ndarray, list[float]]:
+def read_clip_times(path: str | os.PathLike, frames: int | None = None, fps: float | None = None, default: int = 32,
+                    fps_count=None) -> tuple[np.ndarray, list[float]]:
     """As read_clip, with each sampled frame's time in seconds (its index / the frame rate; 2 fps
-    when the file states no rate): what a timestamped layout (Qwen3-VL) prints before each group."""
-    decoded, indices, rate = _sample_clip(path, frames, fps, default)
+    when the file states no rate): what a timestamped layout (Qwen3-VL) prints before each group.
+    `fps_count(total, rate, fps)`: a model's own frame count for `fps` (default: read_clip's)."""
+    decoded, indices, rate = _sample_clip(path, frames, fps, default, fps_count)
     return decoded, [i / rate if rate else i * 0.5 for i in indices]
 
 
-def _sample_clip(path, frames, fps, default) -> tuple[np.ndarray, list[int], float]:
+def _fps_count(total: int, rate: float, fps: float) -> int:
+    """Frames for `fps` per second of video: rounded, at least 1, at most every frame."""
+    return int(min(total, max(1, round(total / rate * fps))))
+
+
+def _sample_clip(path, frames, fps, default, fps_count=None) -> tuple[np.ndarray, list[int], float]:
     path = os.fspath(path)
     total, rate = _stream_info(path)
     if fps is not None:
@@ -71,7 +78,7 @@ def _sample_clip(path, frames, fps, default) -> tuple[np.ndarray, list[int], flo
             raise VideoError(f"fps must be a positive number, got {fps!r}")
         if not rate or not total:
             raise VideoError(f"{path!r} states no frame rate or frame count: sample a fixed number of frames instead of fps")
-        frames = int(min(total, max(1, round(total / rate * fps))))
+        frames = (fps_count or _fps_count)(total, rate, fps)
     count = default if frames is None else frames
     decoded, indices = _decode(path, count)
     return decoded, indices, rate

@@ -88,16 +88,10 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     # pixels --------------------------------------------------------------------------------
 
     def _read(self, path, frames, fps):
-        if fps is not None and frames is None:  # the video processor's count: int(seconds x fps), within [min, max] frames
-            from ..video import _stream_info
+        def count(total, rate, fps):  # the video processor's: int(seconds x fps), within [min, max] frames
+            return min(max(int(total / rate * fps), self.min_frames), self.max_frames, total)
 
-            total, rate = _stream_info(str(path))
-            if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-                raise VideoError(f"fps must be a positive number, got {fps!r}")
-            if not rate or not total:
-                raise VideoError(f"{path!r} states no frame rate or frame count: sample a fixed number of frames instead of fps")
-            frames, fps = min(max(int(total / rate * fps), self.min_frames), self.max_frames, total), None
-        video, times = read_clip_times(path, frames, fps)
+        video, times = read_clip_times(path, frames, fps, fps_count=count)
         seconds = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.5
         return video, seconds, times
 
