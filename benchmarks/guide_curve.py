@@ -1,6 +1,6 @@
 """Accuracy vs guide cost: which cheap guide keeps the keyframe prior.
 
-Every candidate guide setting (who guides, which layers, pooled view or not) runs VisionZip +
+Every candidate guide setting (who guides, which layers, a pooled or frame-strided view) runs VisionZip +
 DyToK at one retention on each split; its cost is the guide pass's analytic FLOPs as a share of
 the compressed run's LLM side (guide + prefill), for these models and these prompts. Writes
 guide_curve.json and guide_curve.png. Reproduce (README, testbed v2):
@@ -15,13 +15,16 @@ import argparse
 import json
 from pathlib import Path
 
-CANDIDATES = [  # (guide, layers, guide_pool); None layers: the calibrated ones
-    ("self", None, 1),
-    ("self", "0", 1),
-    ("self", "last", 1),
-    ("assistant", None, 1),
-    ("assistant", "0", 1),
-    ("assistant", None, 2),
+CANDIDATES = [  # (guide, layers, guide_pool, guide_stride); None layers: the calibrated ones
+    ("self", None, 1, 1),
+    ("self", "0", 1, 1),
+    ("self", "last", 1, 1),
+    ("self", None, 1, 2),
+    ("assistant", None, 1, 1),
+    ("assistant", "0", 1, 1),
+    ("assistant", None, 2, 1),
+    ("assistant", None, 1, 2),
+    ("assistant", None, 1, 4),
 ]
 
 
@@ -55,18 +58,20 @@ def main(argv=None) -> int:
         text = prompt - units * per_unit
         kept = total_budget(args.retention, units, per_unit)
         prefill = flops.llm_prefill_flops(model.config, text + kept)
-        for guide, layers, pool in CANDIDATES:
+        for guide, layers, pool, stride in CANDIDATES:
             guide_model = assistant if guide == "assistant" else model
             depth = adapter_for(guide_model).num_layers
             chosen = calibrated_layers(guide_model) if layers is None else [depth - 1] if layers == "last" else [int(layers)]
-            name = f"{guide}-L{'-'.join(map(str, chosen))}" + (f"-pool{pool}" if pool != 1 else "")
+            name = f"{guide}-L{'-'.join(map(str, chosen))}" + (f"-pool{pool}" if pool != 1 else "") + (f"-stride{stride}" if stride != 1 else "")
             config = EvalConfig(split=split, out=str(out / Path(split).name / name), methods=["visionzip"], guides=[guide],
-                                retentions=[args.retention], layers=",".join(map(str, chosen)), guide_pool=pool)
+                                retentions=[args.retention], layers=",".join(map(str, chosen)), guide_pool=pool,
+                                guide_stride=stride)
             summaries = evaluate(config, model, tokenizer, assistant, progress=False, overwrite=True)
             guided = next(s for s in summaries if s["guide"] == guide)
             full = next(s for s in summaries if s["method"] == "full")
-            guide_cost = flops.guide_flops(guide_model.config, text + units * per_unit // pool**2, max(chosen))
-            points.append({"split": split, "guide": guide, "layers": chosen, "guide_pool": pool, "name": name,
+            seen = -(-units // stride)
+            guide_cost = flops.guide_flops(guide_model.config, text + seen * per_unit // pool**2, max(chosen))
+            points.append({"split": split, "guide": guide, "layers": chosen, "guide_pool": pool, "guide_stride": stride, "name": name,
                            "accuracy": guided["accuracy"], "accuracy_ci95": guided["accuracy_ci95"], "by_kind": guided.get("by_kind"),
                            "full_accuracy": full["accuracy"], "guide_flops": guide_cost, "prefill_flops": prefill,
                            "guide_share": guide_cost / (guide_cost + prefill)})
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
         static = EvalConfig(split=split, out=str(out / Path(split).name / "static"), methods=["visionzip"], guides=["none"],
                             retentions=[args.retention])
         s = next(s for s in evaluate(static, model, tokenizer, progress=False, overwrite=True) if s["method"] == "visionzip")
-        points.append({"split": split, "guide": "none", "layers": None, "guide_pool": 1, "name": "static", "accuracy": s["accuracy"],
+        points.append({"split": split, "guide": "none", "layers": None, "guide_pool": 1, "guide_stride": 1, "name": "static", "accuracy": s["accuracy"],
                        "accuracy_ci95": s["accuracy_ci95"], "by_kind": s.get("by_kind"), "guide_flops": 0, "prefill_flops": prefill,
                        "guide_share": 0.0})
     (out / "guide_curve.json").write_text(json.dumps({"retention": args.retention, "model": args.model, "assistant": args.assistant,

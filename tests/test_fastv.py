@@ -411,3 +411,5 @@ def test_fastv_misuse_is_refused_before_any_work(model, tokenizer, pixels, monke
             prepare(model, tokenizer, pixels, Q, method)
     with pytest.raises(ValueError, match="guide_pool"):
         DyToK(FastV(0.25), guide="inline", guide_pool=2)
+    with pytest.raises(ValueError, match="guide_stride"):
+        DyToK(FastV(0.25), guide="inline", guide_stride=2)

@@ -194,7 +194,9 @@ BAD = [
     ("guide_pool=0", "guide_pool=0 must be a positive integer"),
     ("max_new_tokens=0", "max_new_tokens=0 must be a positive integer"),
     ("plan_log=/proc/x/p.jsonl", "plan_log='/proc/x/p.jsonl'"),
-    ("guide=none,cap=4", "cap=, floor= and guide_pool= shape DyToK's budgets"),
+    ("guide=none,cap=4", "cap=, floor=, guide_pool= and guide_stride= shape DyToK's budgets"),
+    ("guide_stride=0", "guide_stride=0 must be a positive integer"),
+    ("method=fastv,guide=inline,guide_stride=2", "guide=inline reads the main prefill itself"),
     ("method=fastv,guide=inline,guide_pool=2", "guide=inline reads the main prefill itself"),
 ]
 

@@ -248,6 +248,50 @@ def test_coarse_guide_grid(model, tokenizer, pixels):
         prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide_pool=3))
 
 
+def _spread_reference(seen, stride, units):
+    """Written from the rule: unit i lies between seen units i // stride and the next; linear
+    between them, the last seen one's weight past it; then normalised."""
+    out = []
+    for i in range(units):
+        j = i // stride
+        if j + 1 < len(seen):
+            t = (i - j * stride) / stride
+            out.append(seen[j] * (1 - t) + seen[j + 1] * t)
+        else:
+            out.append(seen[j])
+    total = sum(out)
+    return [w / total for w in out]
+
+
+@pytest.mark.parametrize("stride,units", [(2, 4), (2, 5), (3, 16), (4, 32), (5, 7)])
+def test_strided_guide_weights_spread_as_written(stride, units):
+    from vidtok.importance import spread_weights
+
+    seen = torch.rand(-(-units // stride), generator=torch.Generator().manual_seed(units)) + 0.01
+    got = spread_weights(seen, stride, units)
+    assert torch.allclose(got, torch.tensor(_spread_reference(seen.tolist(), stride, units)), atol=1e-6)
+    assert torch.allclose(got[::stride] / got[::stride].sum(), seen / seen.sum(), atol=1e-6)  # the seen units keep their ratios
+    with pytest.raises(ValueError, match="weights for every"):
+        spread_weights(seen[:-1], stride, units)
+
+
+def test_strided_guide_is_the_guide_on_every_kth_frame(model, tokenizer, pixels):
+    """The guide with stride 2 on 4 frames weighs frames 0 and 2 as the guide does on a video of
+    just those two frames, and frames 1 and 3 by interpolation."""
+    from vidtok.importance import spread_weights
+
+    strided = prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide_stride=2)).plan
+    alone = prepare(model, tokenizer, pixels[::2], Q, DyToK(VisionZip(0.25))).plan
+    expected = spread_weights(torch.tensor(alone.frame_weights), 2, FRAMES)
+    assert torch.allclose(torch.tensor(strided.frame_weights), expected, atol=1e-5)
+    assert sum(strided.budgets) == strided.total_budget
+    assert "guide_stride=2" in str(DyToK(VisionZip(0.25), guide_stride=2))
+    with pytest.raises(ValueError, match="stride below 4"):
+        prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide_stride=4))
+    with pytest.raises(ValueError, match="guide_stride must be a positive int"):
+        DyToK(VisionZip(0.25), guide_stride=0)
+
+
 def test_checkpoint_normalisation_is_used(tmp_path, tokenizer):
     import json
 

@@ -349,3 +349,9 @@ def test_eval_calibrate_and_viz_on_a_qwen_checkpoint(model, tokenizer, tmp_path,
     assert main(["viz", str(tmp_path / "split" / "videos" / "00000.mp4"), Q, "--model", str(tmp_path / "qwen"), "--frames", "16",
                  "--guide", "self", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_strided_guide_is_refused_with_a_clear_error(model, tokenizer, pixels):
+    """A subsampled view of a Qwen video needs its own grid and times; not built: said, not guessed."""
+    with pytest.raises(ValueError, match="guide_stride is not supported for qwen2_5_vl; use guide_stride=1"):
+        prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide_stride=2))

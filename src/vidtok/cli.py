@@ -101,7 +101,7 @@ def _method(args, model, assistant, tokenizer=None, video=None, question=None):
         video = fastv_video = _pixels(model, video, args)
         retention = fastv_retention_for_flops(model, tokenizer, question, fastv_video, args.layer, args.match_flops)
     method = build_method(args.method, retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool,
-                          layer=args.layer, vision_retention=args.vision_retention)
+                          layer=args.layer, vision_retention=args.vision_retention, guide_stride=args.guide_stride)
     return method, video
 
 
@@ -196,6 +196,7 @@ def cmd_eval(args) -> int:
         limit=args.limit,
         seed=args.seed,
         guide_pool=args.guide_pool,
+        guide_stride=args.guide_stride,
         layer=args.layer,
     )
     model, tokenizer, assistant, note = _load(args)
@@ -362,6 +363,8 @@ def _add_method_args(p, retention_default=None):
     p.add_argument("--cap", type=_count, help="max tokens per frame (default: all of a frame's tokens)")
     p.add_argument("--floor", type=int, default=0, help="min tokens per frame (default 0)")
     p.add_argument("--guide-pool", type=_count, default=1, help="the guide sees each frame average-pooled k x k (default 1: full grid)")
+    p.add_argument("--guide-stride", type=_count, default=1,
+                   help="the guide sees every k-th frame, the others weighted by interpolation (default 1: every frame)")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random and for sampling")
 
 
@@ -404,6 +407,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_count, help="first N questions only")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--guide-pool", type=_count, default=1, help="guided runs: the guide sees frames pooled k x k")
+    ev.add_argument("--guide-stride", type=_count, default=1, help="guided runs: the guide sees every k-th frame")
     ev.add_argument("--layer", type=_count, default=2, help="FastV's layer (default 2)")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
     ev.add_argument("--overwrite", action="store_true",

@@ -55,6 +55,20 @@ def frame_weights(token_weights: torch.Tensor, frames) -> torch.Tensor:
     return per_frame / per_frame.sum()
 
 
+def spread_weights(seen: torch.Tensor, stride: int, units: int) -> torch.Tensor:
+    """Weights of units 0, stride, 2*stride, ... -> all `units` units: linear between two seen units,
+    the last seen one's after it; normalised to sum 1 (a guide that saw every stride-th frame)."""
+    expected = -(-units // stride)
+    if seen.ndim != 1 or seen.shape[0] != expected:
+        raise ValueError(f"expected {expected} weights for every {stride}-th of {units} units, got {tuple(seen.shape)}")
+    position = torch.arange(units, dtype=torch.float32) / stride
+    left = position.floor().long().clamp(max=expected - 1)
+    right = (left + 1).clamp(max=expected - 1)
+    share = position - left
+    spread = seen.float()[left] * (1 - share) + seen.float()[right] * share
+    return spread / spread.sum()
+
+
 def parse_layers(layers, num_layers: int) -> list[int]:
     """Guide layers from a list/range of ints, an int, or a string "A-B" / "A,B,C".
 

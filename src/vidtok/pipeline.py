@@ -17,7 +17,7 @@ from ._seam import drop_tokens, observe_attention
 from .budget import allocate_budgets, total_budget
 from .compressors import Composed, Compressor, DyToK, FastV, Full
 from .compressors.fastv import fastv_keep
-from .importance import frame_weights, last_token_attention, last_token_attention_all_keys
+from .importance import frame_weights, last_token_attention, last_token_attention_all_keys, spread_weights
 from .models import adapter_for
 
 
@@ -265,7 +265,7 @@ def _same_tower(dytok, main, guide) -> bool:
 def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, encoded, timer, cache=None) -> torch.Tensor:
     """Frame weights [F] from the guide's last-token attention on the uncompressed prompt."""
     # id(encoded): the main model's encoding this pass reads (its own, or its blocks' output), pinned by the cache
-    key = ("weights", id(guide.model), tuple(layers), dytok.guide_pool, dytok.share_vision, question, id(encoded))
+    key = ("weights", id(guide.model), tuple(layers), dytok.guide_pool, dytok.guide_stride, dytok.share_vision, question, id(encoded))
     if cache is not None and cache.has(key, guide.model):
         return cache.fetch(key, "guide", timer, None, guide.model)
     frames = encoded.features.shape[0]
@@ -275,14 +275,21 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         encoded = _fetch(cache, ("guide_vision", id(guide.model), shared, id(source)), "guide_vision", timer,
                          lambda: guide.project(source.vision_hidden, source) if shared else guide.encode_video(pixels), guide.model)
 
+    stride = dytok.guide_stride
+    if stride > 1 and stride >= frames:
+        raise ValueError(f"guide_stride {stride} leaves the guide 1 of the video's {frames} {guide.unit}s; use a stride below {frames}")
+
     def attend() -> torch.Tensor:
-        features = encoded.features
+        view, view_pixels = (encoded, pixels) if stride == 1 else guide.subsample_units(encoded, pixels, stride)
+        features = view.features
         if dytok.guide_pool > 1:
             features = guide.pool_frames(features, dytok.guide_pool)
-        ids = guide.prompt_ids(tokenizer, question, [features.shape[1]] * frames, pixels)
+        units = features.shape[0]
+        ids = guide.prompt_ids(tokenizer, question, [features.shape[1]] * units, view_pixels)
         _check_length(guide, ids, "guide")
-        embeds = torch.cat([features.flatten(0, 1), encoded.newline])
-        return frame_weights(guide.token_attention(ids, embeds, layers, encoded), frames)
+        embeds = torch.cat([features.flatten(0, 1), view.newline])
+        weights = frame_weights(guide.token_attention(ids, embeds, layers, view), units)
+        return weights if stride == 1 else spread_weights(weights, stride, frames)
 
     return _fetch(cache, key, "guide", timer, attend, guide.model)
 

@@ -18,7 +18,7 @@ GUIDES = ("none", "self", "assistant", "inline")
 
 
 def build_method(name: str, retention: float | None, guide: str, assistant=None, layers=None, cap=None, floor=0, seed=0, guide_pool=1,
-                 layer=2, vision_retention=None):
+                 layer=2, vision_retention=None, guide_stride=1):
     """A method from names, as the CLI, eval and bench spell them: method x guide ("none", "self", "assistant", "inline").
 
     `layer`: FastV's layer. For "ENCODER+fastv", `retention` is the share kept from FastV's layer on and
@@ -39,7 +39,7 @@ def build_method(name: str, retention: float | None, guide: str, assistant=None,
         kwargs = {"seed": seed} if encoder_name == "random" else {}
         base = Composed(encoder=COMPRESSORS[encoder_name](retention=vision_retention, **kwargs),
                         llm=FastV(retention=min(1.0, total / vision_retention), layer=layer))
-        return _guided(base, guide, assistant, layers, cap, floor, guide_pool)
+        return _guided(base, guide, assistant, layers, cap, floor, guide_pool, guide_stride)
     if name == "full":
         if guide != "none":
             raise ValueError("--method full keeps every token, so there is nothing for a guide to do; use --guide none")
@@ -50,23 +50,23 @@ def build_method(name: str, retention: float | None, guide: str, assistant=None,
         if guide in ("none", "inline"):
             raise ValueError("--method keyframe picks frames by a guide's frame weights: use --guide self or assistant")
         base = VisionZip(retention=0.25 if retention is None else retention)
-        return _guided(base, guide, assistant, layers, cap, floor, guide_pool, allocation="binary")
+        return _guided(base, guide, assistant, layers, cap, floor, guide_pool, guide_stride, allocation="binary")
     kwargs = {"seed": seed} if name == "random" else {"layer": layer} if name == "fastv" else {}
     base = COMPRESSORS[name](retention=0.25 if retention is None else retention, **kwargs)
-    return _guided(base, guide, assistant, layers, cap, floor, guide_pool)
+    return _guided(base, guide, assistant, layers, cap, floor, guide_pool, guide_stride)
 
 
-def _guided(base, guide, assistant, layers, cap, floor, guide_pool, allocation="proportional"):
+def _guided(base, guide, assistant, layers, cap, floor, guide_pool, guide_stride=1, allocation="proportional"):
     if guide == "none":
-        if guide_pool != 1 or cap is not None or floor:
-            raise ValueError("--guide-pool, --cap and --floor shape DyToK's budgets: they need --guide self or assistant")
+        if guide_pool != 1 or guide_stride != 1 or cap is not None or floor:
+            raise ValueError("--guide-pool, --guide-stride, --cap and --floor shape DyToK's budgets: they need --guide self or assistant")
         return base
     if guide == "assistant" and assistant is None:
         raise ValueError("--guide assistant needs --assistant PATH (an assistant model of the same family)")
-    if guide == "inline" and guide_pool != 1:
-        raise ValueError("--guide-pool shapes a separate guide pass; the inline prior reads the main prefill itself")
+    if guide == "inline" and (guide_pool != 1 or guide_stride != 1):
+        raise ValueError("--guide-pool and --guide-stride shape a separate guide pass; the inline prior reads the main prefill itself")
     return DyToK(base, guide=assistant if guide == "assistant" else guide, layers=layers, cap=cap, floor=floor, guide_pool=guide_pool,
-                 allocation=allocation)
+                 guide_stride=guide_stride, allocation=allocation)
 
 __all__ = ["COMPRESSORS", "GUIDES", "METHODS", "build_method", "Composed", "Compressor", "DyToK", "FastV", "FrameSignals", "Full",
            "Random", "Uniform", "VisionZip"]

@@ -26,6 +26,10 @@ class DyToK:
     cap: int | None = field(default=None, metadata={"help": "max tokens per frame; None: all of a frame's tokens"})
     floor: int = field(default=0, metadata={"help": "min tokens per frame (temporal coverage); 0 as in the reference"})
     guide_pool: int = field(default=1, metadata={"help": "the guide sees each frame average-pooled k x k (1: full grid)"})
+    guide_stride: int = field(
+        default=1,
+        metadata={"help": "the guide sees every k-th frame (unit); the others get weights interpolated between them (1: all)"},
+    )
     allocation: str = field(
         default="proportional",
         metadata={"help": '"proportional" (DyToK) or "binary": the top frames keep all their tokens, the rest none (a baseline)'},
@@ -56,8 +60,9 @@ class DyToK:
                 'guide="inline" reads the main model\'s attention in the LLM layers before FastV drops tokens; '
                 f"it needs FastV (or an encoder compressor composed with FastV), not {self.base.name}: use guide=\"self\" or an assistant"
             )
-        if self.guide == "inline" and self.guide_pool != 1:
-            raise ValueError("guide_pool shapes a separate guide pass; the inline prior reads the main prefill itself: use guide_pool=1")
+        if self.guide == "inline" and (self.guide_pool != 1 or self.guide_stride != 1):
+            raise ValueError("guide_pool and guide_stride shape a separate guide pass; the inline prior reads the main prefill itself: "
+                             "use guide_pool=1, guide_stride=1")
         if self.base.side == "both" and self.retention != self.base.retention:
             raise ValueError(
                 f"a composed method's retention is its encoder's x FastV's ({self.base.retention:g}); "
@@ -69,6 +74,8 @@ class DyToK:
             raise ValueError(f"floor must be a non-negative int, got {self.floor!r}")
         if isinstance(self.guide_pool, bool) or not isinstance(self.guide_pool, int) or self.guide_pool < 1:
             raise ValueError(f"guide_pool must be a positive int, got {self.guide_pool!r}")
+        if isinstance(self.guide_stride, bool) or not isinstance(self.guide_stride, int) or self.guide_stride < 1:
+            raise ValueError(f"guide_stride must be a positive int, got {self.guide_stride!r}")
         if self.allocation not in ("proportional", "binary"):
             raise ValueError(f'allocation must be "proportional" or "binary", got {self.allocation!r}')
         if self.allocation == "binary" and self.floor:
@@ -92,5 +99,6 @@ class DyToK:
 
     def __str__(self) -> str:
         pool = f", guide_pool={self.guide_pool}" if self.guide_pool != 1 else ""
+        pool += f", guide_stride={self.guide_stride}" if self.guide_stride != 1 else ""
         binary = ", allocation=binary" if self.allocation == "binary" else ""
         return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers}{pool}{binary})"

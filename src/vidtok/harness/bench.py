@@ -177,12 +177,14 @@ def expand_runs(config: BenchConfig) -> list[dict]:
                     "guide": run.get("guide", "none") if method != "full" else "none",
                     "retention": r,
                     "guide_pool": run.get("guide_pool", 1),
+                    "guide_stride": run.get("guide_stride", 1),
                     "layers": run.get("layers"),
                     "layer": run.get("layer", 2),  # FastV's layer (unused by the other methods)
                 }
             )
     if not any(r["method"] == "full" for r in rows):
-        rows.insert(0, {"method": "full", "guide": "none", "retention": 1.0, "guide_pool": 1, "layers": None, "layer": 2})
+        rows.insert(0, {"method": "full", "guide": "none", "retention": 1.0, "guide_pool": 1, "guide_stride": 1, "layers": None,
+                        "layer": 2})
     return rows
 
 
@@ -191,7 +193,8 @@ def _method(row, assistant):
     from ..compressors import build_method
 
     retention = None if row["method"] == "full" else row["retention"]
-    return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"], layer=row.get("layer", 2))
+    return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"], layer=row.get("layer", 2),
+                        guide_stride=row.get("guide_stride", 1))
 
 
 @torch.no_grad()
@@ -246,7 +249,8 @@ def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, g
     }
     if plan.guide_layers is not None and plan.guide != "inline":  # the inline prior is read inside the prefill: no pass of its own
         gconfig = (guide_model or model).config
-        guide_tokens = plan.frames * plan.tokens_per_frame // row["guide_pool"] ** 2
+        seen = -(-plan.frames // row.get("guide_stride", 1))  # the frames a strided guide sees
+        guide_tokens = seen * plan.tokens_per_frame // row["guide_pool"] ** 2
         out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + trailing, max(plan.guide_layers))
         if guide_model is not None and qwen:
             v = gconfig.vision_config
@@ -393,7 +397,8 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
                     "frames": frames,
                     "description": str(method),
                     # a guided row with every guide setting at vidtok's default (layers: calibrated, else the last third)
-                    "default_guide": row["guide"] != "none" and row["layers"] is None and row["guide_pool"] == 1,
+                    "default_guide": row["guide"] != "none" and row["layers"] is None and row["guide_pool"] == 1
+                    and row.get("guide_stride", 1) == 1,
                     "guide_layers": plan.guide_layers,
                     "fastv_layer": plan.layer,
                     "flops_retention": plan.flops_retention,
@@ -548,7 +553,8 @@ def plot_bench(rows, path, title) -> None:
     groups = {}
     for r in rows:
         if r["method"] != "full":
-            key = f"{r['method']}" + ("" if r["guide"] == "none" else f" + DyToK ({r['guide']}" + (f", pool {r['guide_pool']}" if r["guide_pool"] != 1 else "") + (f", layers {r['layers']}" if r["layers"] else "") + ")")
+            key = f"{r['method']}" + ("" if r["guide"] == "none" else f" + DyToK ({r['guide']}" + (f", pool {r['guide_pool']}" if r["guide_pool"] != 1 else "")
+                   + (f", stride {r['guide_stride']}" if r.get("guide_stride", 1) != 1 else "") + (f", layers {r['layers']}" if r["layers"] else "") + ")")
             groups.setdefault(key, []).append(r)
     for i, (key, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["retention"])
@@ -564,7 +570,8 @@ def plot_bench(rows, path, title) -> None:
     def label(r):
         if r["method"] == "full":
             return "full"
-        extra = (f" pool{r['guide_pool']}" if r["guide_pool"] != 1 else "") + (f" L{r['layers']}" if r["layers"] else "")
+        extra = (f" pool{r['guide_pool']}" if r["guide_pool"] != 1 else "") + (f" stride{r['guide_stride']}" if r.get("guide_stride", 1) != 1 else "")
+        extra += f" L{r['layers']}" if r["layers"] else ""
         return f"{r['method']} {r['guide']}{extra} {100 * r['retention']:g}%"
 
     labels = [label(r) for r in rows]

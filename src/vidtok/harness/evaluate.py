@@ -34,6 +34,7 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N samples only"})
     seed: int = 0
     guide_pool: int = field(default=1, metadata={"help": "guided runs: the guide sees frames pooled k x k"})
+    guide_stride: int = field(default=1, metadata={"help": "guided runs: the guide sees every k-th frame"})
     layer: int = field(default=2, metadata={"help": "FastV's layer K"})
 
     def __post_init__(self):
@@ -85,7 +86,7 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def configurations(config: EvalConfig) -> list[tuple[str, str, float, int]]:
-    runs = [("full", "none", 1.0, 1)]
+    runs = [("full", "none", 1.0, 1, 1)]
     for method in config.methods:
         if method == "full":
             continue
@@ -95,12 +96,14 @@ def configurations(config: EvalConfig) -> list[tuple[str, str, float, int]]:
             if method == "keyframe" and guide in ("none", "inline"):  # selection needs a guide pass's frame weights
                 continue
             for retention in config.retentions:
-                runs.append((method, guide, retention, 1 if guide == "none" else config.guide_pool))
+                view = (1, 1) if guide == "none" else (config.guide_pool, config.guide_stride)
+                runs.append((method, guide, retention, *view))
     return runs
 
 
-def run_name(method: str, guide: str, retention: float, guide_pool: int = 1) -> str:
-    return f"{method}-{guide}" + (f"-pool{guide_pool}" if guide_pool != 1 else "") + f"-r{retention:g}"
+def run_name(method: str, guide: str, retention: float, guide_pool: int = 1, guide_stride: int = 1) -> str:
+    view = (f"-pool{guide_pool}" if guide_pool != 1 else "") + (f"-stride{guide_stride}" if guide_stride != 1 else "")
+    return f"{method}-{guide}{view}-r{retention:g}"
 
 
 class ResultMismatchError(ValueError):
@@ -149,7 +152,7 @@ def run_identity(run, method, config: EvalConfig, split_sha256: str, model_id: d
     """Everything that decides a configuration's numbers; a stored result is reused only when equal."""
     from .. import __version__
 
-    name, guide, retention, pool = run
+    name, guide, retention, pool, stride = run
     return {
         "vidtok": __version__,
         "split_sha256": split_sha256,
@@ -158,6 +161,7 @@ def run_identity(run, method, config: EvalConfig, split_sha256: str, model_id: d
         "guide": guide,
         "retention": retention,
         "guide_pool": pool,
+        **({"guide_stride": stride} if stride != 1 else {}),  # absent at 1: identities written before it still match
         "guide_layers": layers,
         "seed": config.seed if name == "random" else None,  # only the random compressor draws
         "description": str(method),
@@ -330,11 +334,11 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
 
     methods, states = {}, {}
     for run in runs:
-        method, guide, retention, pool = run
+        method, guide, retention, pool, stride = run
         guide_model = assistant if guide == "assistant" else model
         layers = config.layers if config.layers is not None else default_guide_layers(guide, model, assistant, config.layer)
         methods[run] = build_method(method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed,
-                                    guide_pool=pool, layer=config.layer)
+                                    guide_pool=pool, layer=config.layer, guide_stride=stride)
         guide_adapter = adapter_for(guide_model)
         if guide == "inline" and layers is None:  # every attention layer below FastV's
             layers = [layer for layer in guide_adapter.attention_layers if layer < config.layer]
@@ -463,7 +467,7 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
 
 
 def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict:
-    name, guide, retention, pool = run
+    name, guide, retention, pool, stride = run
     rows = [state.rows[i] for i in range(total)]
     samples = [r for r in rows if "failed" not in r]
     failed = [{"index": r["index"], "id": r.get("id"), "reason": r["failed"]} for r in rows if "failed" in r]
@@ -475,6 +479,7 @@ def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict
         "guide": guide,
         "retention": retention,
         "guide_pool": pool,
+        "guide_stride": stride,
         "description": str(method),
         "guide_layers": state.identity["guide_layers"],
         "samples": n,
@@ -560,17 +565,21 @@ def plot_accuracy(summaries: list[dict], path: Path) -> None:
         ax.axhline(100 * full[0]["accuracy"], color="black", linestyle=":", label="full (all tokens)")
     styles = {"none": "--", "self": "-", "assistant": "-."}
     colours = {"visionzip": "tab:blue", "uniform": "tab:orange", "random": "tab:gray"}
-    groups = sorted({(s["method"], s["guide"], s.get("guide_pool", 1)) for s in summaries if s["method"] != "full"})
-    for method, guide, pool in groups:
+    def view(s):
+        return s["method"], s["guide"], s.get("guide_pool", 1), s.get("guide_stride", 1)
+
+    groups = sorted({view(s) for s in summaries if s["method"] != "full"})
+    for method, guide, pool, stride in groups:
         pts = sorted(
-            ((s["retention"], s) for s in summaries if (s["method"], s["guide"], s.get("guide_pool", 1)) == (method, guide, pool)),
+            ((s["retention"], s) for s in summaries if view(s) == (method, guide, pool, stride)),
             key=lambda p: p[0],
         )
         xs = [100 * r for r, _ in pts]
         ys = [100 * s["accuracy"] for _, s in pts]
         lo = [100 * s["accuracy_ci95"][0] for _, s in pts]
         hi = [100 * s["accuracy_ci95"][1] for _, s in pts]
-        label = method if guide == "none" else f"{method} + DyToK ({guide}" + (f", guide pool {pool}" if pool != 1 else "") + ")"
+        seen = (f", guide pool {pool}" if pool != 1 else "") + (f", guide stride {stride}" if stride != 1 else "")
+        label = method if guide == "none" else f"{method} + DyToK ({guide}{seen})"
         ax.plot(xs, ys, styles.get(guide, "-"), marker="o", color=colours.get(method), label=label)
         ax.fill_between(xs, lo, hi, color=colours.get(method), alpha=0.08)
     ax.set_xscale("log", base=2)

@@ -50,6 +50,7 @@ class ModelArgs:
     floor: int = field(default=0, metadata={"help": "min tokens per frame"})
     seed: int = field(default=0, metadata={"help": "seed of method=random"})
     guide_pool: int = field(default=1, metadata={"help": "the guide sees frames average-pooled k x k"})
+    guide_stride: int = field(default=1, metadata={"help": "the guide sees every k-th frame"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (this rank's GPU when there is one)"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     max_new_tokens: int = field(default=32, metadata={"help": "used when the task gives none"})
@@ -88,16 +89,17 @@ class ModelArgs:
         for name in ("floor", "seed"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{name}={value!r} must be a non-negative integer")
-        for name in ("max_new_tokens", "guide_pool"):  # 0 new tokens answers nothing; a 0 x 0 pool sees nothing
+        for name in ("max_new_tokens", "guide_pool", "guide_stride"):  # 0 new tokens answers nothing; a 0 x 0 pool sees nothing
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name}={value!r} must be a positive integer")
         need(self.cap is None or (isinstance(self.cap, int) and not isinstance(self.cap, bool) and self.cap >= 1),
              f"cap={self.cap!r} must be a positive integer")
         need(self.cap is None or self.floor <= self.cap, f"floor={self.floor} exceeds cap={self.cap}: a frame cannot keep more than its cap; lower floor= or raise cap=")
         guide = self.guide or ("none" if self.method == "full" else "assistant" if self.assistant else "self")  # as __init__ resolves it
-        need(guide != "none" or (self.cap is None and not self.floor and self.guide_pool == 1),
-             "cap=, floor= and guide_pool= shape DyToK's budgets: they need guide=self, assistant or inline")
-        need(guide != "inline" or self.guide_pool == 1, "guide_pool= shapes a separate guide pass; guide=inline reads the main prefill itself: drop it")
+        need(guide != "none" or (self.cap is None and not self.floor and self.guide_pool == 1 and self.guide_stride == 1),
+             "cap=, floor=, guide_pool= and guide_stride= shape DyToK's budgets: they need guide=self, assistant or inline")
+        need(guide != "inline" or (self.guide_pool == 1 and self.guide_stride == 1),
+             "guide_pool= and guide_stride= shape a separate guide pass; guide=inline reads the main prefill itself: drop them")
         if self.layers is not None:  # the format now; whether the layers exist once the guide is loaded
             try:
                 check_layers_format(self.layer_spec)
@@ -261,7 +263,7 @@ class VidtokLMM(_base()):
         layers = args.layer_spec if args.layer_spec is not None else default_guide_layers(guide, self.model, assistant, args.layer)
         try:
             self.method = build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool,
-                                       layer=args.layer, vision_retention=args.vision_retention)
+                                       layer=args.layer, vision_retention=args.vision_retention, guide_stride=args.guide_stride)
         except (TypeError, ValueError) as error:
             raise ModelArgsError(str(error)) from None
         _check_fits(args, guide, layers, self.model, assistant)

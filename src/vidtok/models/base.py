@@ -32,6 +32,8 @@ depend on the video's resolution.
     check_fastv_layer(K)          FastV's layer K: inside 1..L-1, and one the family can drop from
                                   (check_drop_layer: DeepStack layers, a ranking layer without attention)
     layout()                      what an assistant must share with the main model
+    pool_frames, subsample_units  optional cheap guide views (guide_pool, guide_stride); the
+                                  default refuses them with a clear error
 
 Adapters are built per call and hold no state between calls; only they know a model's internals.
 """
@@ -96,6 +98,10 @@ class VideoAdapter:
 
     def pool_frames(self, features: torch.Tensor, factor: int) -> torch.Tensor:
         raise ValueError(f"guide_pool is not supported for {self.model_type}; use guide_pool=1")
+
+    def subsample_units(self, encoded: EncodedVideo, pixels, stride: int):
+        """(encoded, pixels) of every `stride`-th unit, as a video of its own: a cheap guide's view."""
+        raise ValueError(f"guide_stride is not supported for {self.model_type}; use guide_stride=1")
 
     def input_ids(self, tokenizer, question: str, video_tokens: int) -> torch.Tensor:
         raise NotImplementedError

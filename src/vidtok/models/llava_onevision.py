@@ -202,6 +202,12 @@ class LlavaOnevisionAdapter(VideoAdapter):
         a, b = mine.state_dict(), theirs.state_dict()
         return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device)) for k in a)
 
+    def subsample_units(self, encoded: EncodedVideo, pixels, stride: int):
+        """Every stride-th frame: LLaVA-OV positions are the sequence order, so fewer frames are just a shorter video."""
+        view = EncodedVideo(features=encoded.features[::stride], newline=encoded.newline, signals=None,
+                            vision_hidden=encoded.vision_hidden[::stride], meta=encoded.meta)
+        return view, pixels[::stride] if isinstance(pixels, torch.Tensor) else pixels
+
     def pool_frames(self, features: torch.Tensor, factor: int) -> torch.Tensor:
         """[F, T, D] on the g x g grid -> [F, T / factor^2, D]: a coarser view for a cheap guide."""
         side = math.isqrt(self.tokens_per_frame)
