@@ -38,7 +38,7 @@ def label_frames(frames):
 
 def solve(question, labels, grid=4):
     """The answer from the labelled frames alone. An event colour is one that only ever appears
-    as a 2x2 block of one shape (clutter colours also appear in single cells)."""
+    as a 2x2 block of one shape per frame (clutter colours also appear in single cells)."""
     def blocks(frame_cells):
         found = {}
         for r in range(grid - 1):
@@ -59,6 +59,11 @@ def solve(question, labels, grid=4):
     frames_with = [f for f, found in enumerate(per_frame) if colour in found]
     assert frames_with, f"{colour} is never shown as an event"
     last, (shape, block) = frames_with[-1], per_frame[frames_with[-1]][colour]
+    if words[-3:] == ["most", "often", "?"]:
+        shapes = Counter(per_frame[f][colour][0] for f in frames_with)
+        (top, n), *rest = shapes.most_common()
+        assert n > len(frames_with) / 2, "one shape in a strict majority of the frames"
+        return top
     if words[:3] == ["what", "shape", "is"]:
         return shape
     if words[:3] == ["how", "many", "frames"]:
@@ -93,7 +98,7 @@ def test_question_kinds_are_balanced_and_answers_spread():
     assert set(kinds) == set(KINDS) and max(kinds.values()) - min(kinds.values()) == 0
     for kind in KINDS:
         answers = Counter(s.answer for s in samples if s.kind == kind)
-        choices = {"needle": SHAPES, "order": SHAPES, "change": COLOURS, "count": NUMBERS}[kind]
+        choices = {"needle": SHAPES, "order": SHAPES, "change": COLOURS, "count": NUMBERS, "majority": SHAPES}[kind]
         assert set(answers) <= set(choices)
         assert max(answers.values()) / sum(answers.values()) < 0.45, (kind, answers)  # no answer dominates a kind
 
@@ -107,7 +112,7 @@ def test_the_question_text_does_not_give_the_answer():
         guess.setdefault(s.question, Counter())[s.answer] += 1
     hits = [guess[s.question].most_common(1)[0][0] == s.answer for s in held_out if s.question in guess]
     assert len(hits) > 300
-    # chance: 1/4 for shapes, about 1/5 for counts, 1/8 for colours; a leak would sit far above
+    # chance: 1/4 for shapes, about 1/5 for counts, 1/3 for colours (the three other event colours); a leak would sit far above
     assert sum(hits) / len(hits) < 0.4
 
 
@@ -117,19 +122,35 @@ def test_events_span_several_tokens_and_frames_and_the_split_is_written(tmp_path
     for event in sample.events:
         assert event["end"] - event["start"] + 1 >= 2
     assert len({f for f, _ in sample.evidence}) >= 2 and len({t for _, t in sample.evidence}) == 4  # 2x2 cells
-    path = write_event_split(tmp_path / "v2", seed=3, count=8)
+    path = write_event_split(tmp_path / "v2", seed=3, count=10)
     from vidtok.testbed.synth import read_split
 
     records = read_split(path)
     assert [r["kind"] for r in records] == list(KINDS) * 2 and all(r["frames"] == 32 for r in records)
     with pytest.raises(ValueError, match="cannot hold three events"):
         make_event_sample(np.random.default_rng(0), "needle", frames=6)
+    chosen = read_split(write_event_split(tmp_path / "two", seed=3, count=4, kinds=("needle", "majority")))
+    assert [r["kind"] for r in chosen] == ["needle", "majority"] * 2
+    with pytest.raises(ValueError, match="unknown question kinds"):
+        list(event_samples(seed=0, count=1, kinds=("tally",)))
+
+
+def test_majority_events_change_shape_with_one_shape_in_most_frames():
+    for sample in event_samples(seed=8, count=40, kinds=("majority",)):
+        for event in sample.events:
+            shapes = Counter(event["shapes"])
+            length = event["end"] - event["start"] + 1
+            assert len(event["shapes"]) == length and 4 <= length <= 7
+            assert shapes[event["shape"]] == length // 2 + 1  # the smallest strict majority: every frame counts
+        frames = {f for f, _ in sample.evidence}
+        asked = next(e for e in sample.events if e["start"] == sample.needle_frame)
+        assert frames == set(range(asked["start"], asked["end"] + 1)) and asked["change_frame"] is None
 
 
 def test_eval_reports_accuracy_and_evidence_per_kind(tmp_path, capsys):
     from vidtok.cli import main
 
-    path = write_event_split(tmp_path / "v2", seed=4, count=8, frames=16)
+    path = write_event_split(tmp_path / "v2", seed=4, count=10, frames=16)
     out = tmp_path / "eval"
     assert main(["eval", str(path.parent), "--methods", "visionzip,keyframe", "--guides", "none,assistant", "--retentions", "0.25",
                  "--out", str(out), "--quiet"]) == 0
@@ -142,7 +163,17 @@ def test_eval_reports_accuracy_and_evidence_per_kind(tmp_path, capsys):
                                                               ("keyframe", "assistant")}  # keyframe needs a guide
     for s in summaries:
         assert sorted(s["by_kind"]) == sorted(KINDS) and all(k["samples"] == 2 for k in s["by_kind"].values())
-        assert sum(k["accuracy"] * 2 for k in s["by_kind"].values()) == pytest.approx(s["accuracy"] * 8)
+        assert sum(k["accuracy"] * 2 for k in s["by_kind"].values()) == pytest.approx(s["accuracy"] * 10)
     full = next(s for s in summaries if s["method"] == "full")
     assert all(k["evidence_kept"] == 1.0 for k in full["by_kind"].values())
     assert (out / "accuracy_by_kind.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_synth_writes_the_chosen_kinds_and_refuses_them_for_v1(tmp_path, capsys):
+    from vidtok.cli import main
+    from vidtok.testbed.synth import read_split
+
+    assert main(["synth", str(tmp_path / "v2"), "--task", "events", "--kinds", "majority,needle", "--count", "3", "--frames", "16"]) == 0
+    assert [r["kind"] for r in read_split(tmp_path / "v2")] == ["majority", "needle", "majority"]
+    assert main(["synth", str(tmp_path / "v1"), "--kinds", "needle", "--count", "1"]) != 0
+    assert "--kinds picks testbed v2's question kinds" in capsys.readouterr().err

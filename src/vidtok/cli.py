@@ -16,7 +16,8 @@ class UsageError(ValueError):
 
 # shipped toy models, usable wherever a model folder is (a folder of that name in the working directory wins)
 SHIPPED = {"toy": "toy-main", "toy-assistant": "toy-assistant", "toy-llava-ov": "toy-main", "toy-llava-ov-assistant": "toy-assistant",
-           "toy-qwen2.5-vl": "toy-qwen2.5-vl", "toy-qwen2.5-vl-assistant": "toy-qwen2.5-vl-assistant"}
+           "toy-qwen2.5-vl": "toy-qwen2.5-vl", "toy-qwen2.5-vl-assistant": "toy-qwen2.5-vl-assistant",
+           "toy-v2": "toy-v2-main", "toy-v2-main": "toy-v2-main", "toy-v2-assistant": "toy-v2-assistant"}
 
 
 def shipped_path(name) -> Path:
@@ -296,7 +297,10 @@ def cmd_synth(args) -> int:
 
         if args.needles is not None:
             raise UsageError("--needles sets the needle task's needle count; the events task always has three events")
-        path = write_event_split(args.out, args.seed, args.count, frames=args.frames or 32)
+        kinds = {"kinds": tuple(args.kinds.split(","))} if args.kinds else {}
+        path = write_event_split(args.out, args.seed, args.count, frames=args.frames or 32, **kinds)
+    elif args.kinds:
+        raise UsageError("--kinds picks testbed v2's question kinds: use it with --task events")
     else:
         path = write_split(args.out, args.seed, args.count, frames=args.frames or 16, needles=args.needles or 2)
     print(f"wrote {args.count} videos and {path}")
@@ -437,9 +441,10 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("--count", type=_count, default=200)
     syn.add_argument("--seed", type=int, default=1)
     syn.add_argument("--task", choices=("needle", "events"), default="needle",
-                     help="needle: v1 (one-token needles, one frame each); events: v2 (multi-frame events, 2x2-token objects, four question kinds)")
+                     help="needle: v1 (one-token needles, one frame each); events: v2 (multi-frame events, 2x2-token objects, five question kinds)")
     syn.add_argument("--frames", type=_count, help="frames per video (default 16 for needle, 32 for events)")
     syn.add_argument("--needles", type=_count, help="needle task: needles per video (default 2)")
+    syn.add_argument("--kinds", help="events task: question kinds in turn, comma-separated (default all five)")
     syn.set_defaults(func=cmd_synth)
     return p
 

@@ -2,16 +2,21 @@
 whose answer needs more than one frame.
 
 A video (32 frames of 64 px by default, the v1 cell grid: 16-px cells, one LLM token each for
-the toy LLaVA-OV) holds clutter as in v1 (one-cell objects in clutter colours) and three *events*
-in needle colours that appear nowhere else. An event is one shape drawn in a 2x2 block of cells
+the toy LLaVA-OV) holds clutter as in v1 (one-cell objects, here in the clutter colours magenta,
+cyan, orange, white) and three *events* in the event colours (red, green, blue, yellow), which
+appear nowhere else. An event is one shape drawn in a 2x2 block of cells
 (4 tokens) at a fixed place for a run of consecutive frames; events follow one another in time
 without overlap. One event *changes*: its colour switches to a fourth needle colour part way.
-Four kinds of question, one per sample in turn (balanced by construction):
+Five kinds of question, one per sample in turn (balanced by construction):
 
-    needle  "what shape is red ?"           the shape of the red event (any of its frames)
-    order   "what shape comes after red ?"  the shape of the event that follows red's
-    count   "how many frames show red ?"    the red event's length, as a word (two .. six)
-    change  "what colour does red turn into ?"  the changing event's second colour
+    needle    "what shape is red ?"           the shape of the red event (any of its frames)
+    order     "what shape comes after red ?"  the shape of the event that follows red's
+    count     "how many frames show red ?"    the red event's length, as a word (two .. six)
+    change    "what colour does red turn into ?"  the changing event's second colour
+    majority  "what shape is red most often ?"  in these videos every event changes shape from
+              frame to frame (4-7 frames, one shape in a strict majority of them); the answer
+              needs most of the red event's frames, but few tokens of each: where proportional
+              budgets should beat whole keyframes
 
 Only the question tells which frames matter. `evidence` lists the (frame, token) pairs an answer
 needs: every frame of the asked event (needle: one suffices; count: all), plus the following
@@ -30,11 +35,13 @@ import numpy as np
 from .synth import CELL, MASKS, RGB
 from .toy import COLOURS, SHAPES
 
-KINDS = ("needle", "order", "count", "change")
+KINDS = ("needle", "order", "count", "change", "majority")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 # the words of v2 questions and answers beyond v1's vocabulary (a v2 tokenizer appends them)
-V2_WORDS = ("comes", "after", "how", "many", "frames", "show", "does", "turn", "into") + NUMBERS
+V2_WORDS = ("comes", "after", "how", "many", "frames", "show", "does", "turn", "into") + NUMBERS + ("most", "often")
 EVENT_FRAMES = (2, 6)  # an event lasts 2..6 frames
+MAJORITY_FRAMES = (4, 7)  # ... or 4..7 in a majority video, so the majority needs several frames
+EVENT_COLOURS, CLUTTER_COLOURS = COLOURS[:4], COLOURS[4:]
 
 
 @dataclass
@@ -68,9 +75,13 @@ def make_event_sample(rng: np.random.Generator, kind: str, frames: int = 32, siz
         raise ValueError(f"frames of {size} px hold no 2x2 block of {CELL}-px cells")
     if frames < 3 * EVENT_FRAMES[0] + 2:
         raise ValueError(f"{frames} frames cannot hold three events of >= {EVENT_FRAMES[0]} frames with gaps; use at least {3 * EVENT_FRAMES[0] + 2}")
-    colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))]
-    needle_colours, clutter_colours = colours[:4], colours[4:]
-    lengths = [int(rng.integers(EVENT_FRAMES[0], EVENT_FRAMES[1] + 1)) for _ in range(3)]
+    # events in the first four colours, clutter in the other four: an event is recognisable token by
+    # token, so a 4-layer toy LLM spends no depth finding 2x2 blocks; the question is still needed,
+    # since three events hold more tokens than the low budgets
+    needle_colours = [EVENT_COLOURS[i] for i in rng.permutation(len(EVENT_COLOURS))]
+    clutter_colours = list(CLUTTER_COLOURS)
+    low, high = MAJORITY_FRAMES if kind == "majority" else EVENT_FRAMES
+    lengths = [int(rng.integers(low, high + 1)) for _ in range(3)]
     while sum(lengths) + 2 > frames:  # short videos: shrink the longest event
         lengths[int(np.argmax(lengths))] -= 1
     gaps = rng.multinomial(frames - sum(lengths) - 2, [0.25] * 4) + np.array([0, 1, 1, 0])  # at least one frame between events
@@ -84,6 +95,10 @@ def make_event_sample(rng: np.random.Generator, kind: str, frames: int = 32, siz
         if i == changing:
             event["changes_to"] = needle_colours[3]
             event["change_frame"] = t + int(rng.integers(1, length))  # first frame in the new colour
+        if kind == "majority":  # one shape in a strict majority of the frames, the others anywhere below it
+            others = [x for x in SHAPES if x != event["shape"]]
+            shapes = [event["shape"]] * (length // 2 + 1) + [others[int(rng.integers(3))] for _ in range(length - length // 2 - 1)]
+            event["shapes"] = [shapes[j] for j in rng.permutation(length)]
         events.append(event)
         t += length
     video = np.zeros((frames, size, size, 3), dtype=np.uint8)
@@ -92,8 +107,9 @@ def make_event_sample(rng: np.random.Generator, kind: str, frames: int = 32, siz
         for e in events:
             if e["start"] <= f <= e["end"]:
                 colour = e["changes_to"] if e["change_frame"] is not None and f >= e["change_frame"] else e["colour"]
+                shape = e["shapes"][f - e["start"]] if "shapes" in e else e["shape"]
                 for cell in _block_cells(e["block"], grid):
-                    _draw(video, f, cell, e["shape"], colour, grid)
+                    _draw(video, f, cell, shape, colour, grid)
                     busy.add(cell)
         free = [c for c in rng.permutation(grid * grid).tolist() if c not in busy]
         for cell in free[: int(rng.integers(clutter[0], clutter[1] + 1))]:
@@ -112,6 +128,10 @@ def make_event_sample(rng: np.random.Generator, kind: str, frames: int = 32, siz
         following = events[events.index(asked) + 1]
         question, answer = f"what shape comes after {asked['colour']} ?", following["shape"]
         evidence = frames_of(asked) + frames_of(following)
+    elif kind == "majority":
+        asked = [e for e in events if e["change_frame"] is None][int(rng.integers(2))]  # its colour on every frame
+        question, answer = f"what shape is {asked['colour']} most often ?", asked["shape"]
+        evidence = frames_of(asked)
     else:
         asked = events[int(rng.integers(3))]
         if kind == "needle":
@@ -127,11 +147,14 @@ def make_event_sample(rng: np.random.Generator, kind: str, frames: int = 32, siz
                        needle_token=asked["block"], evidence=evidence, events=events)
 
 
-def event_samples(seed: int, count: int, **kwargs):
-    """`count` samples, the kinds in turn (needle, order, count, change, needle, ...)."""
+def event_samples(seed: int, count: int, kinds=KINDS, **kwargs):
+    """`count` samples, `kinds` in turn (by default needle, order, count, change, majority, needle, ...)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown question kinds {unknown or kinds!r}; choose from {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
     for i in range(count):
-        yield make_event_sample(rng, KINDS[i % len(KINDS)], **kwargs)
+        yield make_event_sample(rng, kinds[i % len(kinds)], **kwargs)
 
 
 def write_event_split(out_dir: str | os.PathLike, seed: int, count: int, **kwargs) -> Path:
