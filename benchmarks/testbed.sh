@@ -21,7 +21,12 @@ vidtok eval data/test16 --model toy-qwen2.5-vl --assistant toy-qwen2.5-vl-assist
 # binary keyframe selection (the guide's top frames whole) beside DyToK's proportional split
 vidtok eval data/test16 --methods keyframe,visionzip --guides self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-test16-keyframe --quiet --overwrite
 vidtok eval data/hard32 --methods keyframe,visionzip --guides self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-hard32-keyframe --quiet --overwrite
-# testbed v2 questions (no v2-trained pair is shipped yet: README)
-vidtok synth data/v2test --task events --count 200 --seed 1
-# accuracy vs analytic guide cost per guide setting (v1 and the hard split; v2 once a v2 pair exists)
+# accuracy vs analytic guide cost per guide setting, the v1 pair on v1 and the hard split
 python benchmarks/guide_curve.py --model src/vidtok/testbed/assets/toy-main --assistant src/vidtok/testbed/assets/toy-assistant --split data/test16 --split data/hard32 --out benchmarks/results/guide-curve
+# testbed v2 and the v1 + v2 pair (weights: python -m vidtok.testbed.train --task mixed ..., README): the kinds it learnt
+vidtok calibrate data/calib --model toy-v2-main --plot benchmarks/results/prior-toy-v2-main.png
+vidtok calibrate data/calib --model toy-v2-assistant --plot benchmarks/results/prior-toy-v2-assistant.png
+vidtok synth data/v2test --task events --kinds needle,majority --count 200 --seed 1
+vidtok eval data/v2test --model toy-v2 --assistant toy-v2-assistant --methods keyframe,visionzip --guides none,self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-v2test --quiet --overwrite
+# the cheap-guide curve on v1 + v2, the v1 + v2 pair
+python benchmarks/guide_curve.py --model src/vidtok/testbed/assets/toy-v2-main --assistant src/vidtok/testbed/assets/toy-v2-assistant --split data/test16 --split data/v2test --out benchmarks/results/guide-curve-v2
