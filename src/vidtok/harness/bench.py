@@ -529,14 +529,14 @@ def plot_sweep(points: list[dict], path: Path, title: str) -> None:
 
 
 def table(rows) -> str:
-    head = (f"{'frames':>6} {'method':<10}{'guide':<10}{'pool':>5}{'layers':>7}{'retention':>10}{'tokens':>8}{'ttft s':>9}{'ttft x':>8}"
+    head = (f"{'frames':>6} {'method':<10}{'guide':<10}{'pool':>5}{'stride':>7}{'layers':>7}{'retention':>10}{'tokens':>8}{'ttft s':>9}{'ttft x':>8}"
             f"{'llm-side x':>11}{'prefill x':>10}{'guide %':>8}{'TFLOPs':>8}{'RSS MB':>8}")
     lines = [head]
     for r in rows:
         mem = r["peak_rss_mb"] if r["peak_rss_mb"] is not None else r["peak_cuda_mb"]
         layers = f"{min(r['guide_layers'])}-{max(r['guide_layers'])}" if r["guide_layers"] else "-"
         lines.append(
-            f"{r.get('frames', '-'):>6} {r['method']:<10}{r['guide']:<10}{r['guide_pool']:>5}{layers:>7}{r['retention']:>10g}{r['visual_tokens_kept']:>8}"
+            f"{r.get('frames', '-'):>6} {r['method']:<10}{r['guide']:<10}{r['guide_pool']:>5}{r.get('guide_stride', 1):>7}{layers:>7}{r['retention']:>10g}{r['visual_tokens_kept']:>8}"
             f"{r['ttft_seconds']:>9.3f}{r['ttft_speedup']:>8.2f}{r['llm_side_speedup']:>11.2f}{r['prefill_speedup']:>10.2f}"
             f"{100 * r['guide_share']:>8.1f}{(r['prefill_flops']['total'] / 1e12 if r['prefill_flops'] else float('nan')):>8.3f}{mem:>8.0f}"
         )
