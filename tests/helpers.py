@@ -7,6 +7,21 @@ import torch
 FRAMES = 4
 
 
+def wording_guess_hits(train, test):
+    """Per question kind, whether the best answer from the question text alone (the majority
+    answer among `train` samples with the same question string) is right on each `test` sample."""
+    from collections import Counter
+
+    votes = {}
+    for s in train:
+        votes.setdefault(s.question, Counter())[s.answer] += 1
+    hits = {}
+    for s in test:
+        if s.question in votes:
+            hits.setdefault(s.kind, []).append(votes[s.question].most_common(1)[0][0] == s.answer)
+    return hits
+
+
 def snapshot(model):
     """Everything a call must leave untouched."""
     return {

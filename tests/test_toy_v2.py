@@ -14,6 +14,8 @@ from vidtok.testbed.events import KINDS, event_samples
 from vidtok.testbed.synth import make_sample
 from vidtok.testbed.toy import ASSETS
 
+from helpers import wording_guess_hits
+
 MAIN, ASSISTANT = ASSETS / "toy-v2-main", ASSETS / "toy-v2-assistant"
 PER_KIND = 40
 MAJORITY_FLOOR = 0.6  # the main model reached 0.77 train accuracy on majority questions at 32 frames (its card)
@@ -50,13 +52,7 @@ def held_out(pair):
 def _best_guess_from_wording(count=4000):
     """Per kind, the accuracy of the best answer a model could give from the question text alone:
     the majority answer per question string, measured on samples the held-out seed never draws."""
-    train, test = list(event_samples(seed=202, count=count)), list(event_samples(seed=203, count=800))
-    votes = {}
-    for s in train:
-        votes.setdefault(s.question, Counter())[s.answer] += 1
-    hits = {k: [] for k in KINDS}
-    for s in test:
-        hits[s.kind].append(s.question in votes and votes[s.question].most_common(1)[0][0] == s.answer)
+    hits = wording_guess_hits(event_samples(seed=202, count=count), event_samples(seed=203, count=800))
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 

@@ -194,7 +194,7 @@ def _method(row, assistant):
 
     retention = None if row["method"] == "full" else row["retention"]
     return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"], layer=row.get("layer", 2),
-                        guide_stride=row.get("guide_stride", 1))
+                        guide_stride=row["guide_stride"])
 
 
 @torch.no_grad()
@@ -249,7 +249,7 @@ def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, g
     }
     if plan.guide_layers is not None and plan.guide != "inline":  # the inline prior is read inside the prefill: no pass of its own
         gconfig = (guide_model or model).config
-        seen = -(-plan.frames // row.get("guide_stride", 1))  # the frames a strided guide sees
+        seen = -(-plan.frames // row["guide_stride"])  # the frames a strided guide sees
         guide_tokens = seen * plan.tokens_per_frame // row["guide_pool"] ** 2
         out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + trailing, max(plan.guide_layers))
         if guide_model is not None and qwen:
@@ -398,7 +398,7 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
                     "description": str(method),
                     # a guided row with every guide setting at vidtok's default (layers: calibrated, else the last third)
                     "default_guide": row["guide"] != "none" and row["layers"] is None and row["guide_pool"] == 1
-                    and row.get("guide_stride", 1) == 1,
+                    and row["guide_stride"] == 1,
                     "guide_layers": plan.guide_layers,
                     "fastv_layer": plan.layer,
                     "flops_retention": plan.flops_retention,

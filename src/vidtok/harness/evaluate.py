@@ -85,7 +85,8 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     return (0.0 if correct == 0 else max(0.0, centre - half), 1.0 if correct == total else min(1.0, centre + half))
 
 
-def configurations(config: EvalConfig) -> list[tuple[str, str, float, int]]:
+def configurations(config: EvalConfig) -> list[tuple[str, str, float, int, int]]:
+    """(method, guide, retention, guide_pool, guide_stride) per configuration, full first."""
     runs = [("full", "none", 1.0, 1, 1)]
     for method in config.methods:
         if method == "full":
