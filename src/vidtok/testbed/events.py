@@ -150,11 +150,10 @@ def make_event_sample(rng: np.random.Generator, kind: str, frames: int = 32, siz
 def event_samples(seed: int, count: int, kinds=KINDS, **kwargs):
     """`count` samples, `kinds` in turn (by default needle, order, count, change, majority, needle, ...)."""
     unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
+    if unknown or not kinds:  # refused now, before a caller writes anything
         raise ValueError(f"unknown question kinds {unknown or kinds!r}; choose from {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
-    for i in range(count):
-        yield make_event_sample(rng, kinds[i % len(kinds)], **kwargs)
+    return (make_event_sample(rng, kinds[i % len(kinds)], **kwargs) for i in range(count))
 
 
 def write_event_split(out_dir: str | os.PathLike, seed: int, count: int, **kwargs) -> Path:
