@@ -132,6 +132,8 @@ def test_bench_end_to_end(tmp_path):
         assert r["ttft_seconds"] > 0 and r["peak_rss_mb"] > 0
         assert r["ttft_speedup"] == pytest.approx(full["ttft_seconds"] / r["ttft_seconds"])
         assert set(STAGES) <= set(r["stage_seconds"])
+        low, high = r["llm_side_seconds_range"]
+        assert low <= r["llm_side_seconds"] <= high and low > 0
     guided = rows[2]
     assert guided["prefill_flops"]["guide"] > 0 and guided["stage_seconds"]["guide"] > 0
     assert rows[1]["prefill_flops"]["llm"] < full["prefill_flops"]["llm"]
@@ -217,15 +219,40 @@ def test_a_length_sweep_measures_each_length_and_stops_where_told(tmp_path):
 def test_goal_report_reads_the_default_guide_rows():
     from vidtok.harness.bench import goal_report
 
-    def row(guide, retention, speedup, layers=None):
-        return {"guide": guide, "retention": retention, "llm_side_speedup": speedup, "layers": layers, "guide_pool": 1,
-                "default_guide": guide != "none" and layers is None, "description": f"{guide}-{layers}"}
+    def row(guide, retention, seconds, layers=None, guide_seconds=0.0, method="visionzip"):
+        return {"method": method, "guide": guide, "retention": retention, "llm_side_seconds": seconds, "llm_side_speedup": 56.0 / seconds,
+                "layers": layers, "guide_pool": 1, "default_guide": guide != "none" and layers is None, "description": f"{guide}-{layers}-{retention}",
+                "stage_seconds": {"guide": guide_seconds, "guide_vision": 0.0}}
 
-    rows = [row("none", 0.25, 5.6), row("assistant", 0.25, 3.9), row("assistant", 0.25, 4.8, layers="1"), row("assistant", 0.1, 11.5)]
-    report = goal_report(rows, {"0.25": 4.6, "0.1": 11})
-    assert report["0.25"]["reached"] is False and report["0.25"]["short_by"] == pytest.approx(0.7)
-    assert report["0.25"]["best_row"]["layers"] == "1"  # a non-default setting reaches it, reported beside
-    assert report["0.1"]["reached"] is True and report["0.1"]["short_by"] == 0.0
+    rows = [row("none", 1.0, 56.0, method="full"), row("none", 0.25, 10.0), row("assistant", 0.25, 14.0, guide_seconds=4.0),
+            row("assistant", 0.25, 11.2, layers="1", guide_seconds=1.2), row("none", 0.1, 4.0), row("assistant", 0.1, 4.8, guide_seconds=0.8)]
+    report = goal_report(rows, {"0.25": 4.6, "0.1": 11, "0.05": 20})
+    quarter = report["0.25"]
+    assert quarter["reached"] is False and quarter["short_by"] == pytest.approx(4.6 - 4.0)
+    assert quarter["best_row"]["layers"] == "1" and quarter["rows_reaching"] == ["assistant-1-0.25"]  # a non-default setting, beside
+    # the why, by hand: 56 / 4.6 = 12.17 s for all of guide + compression + prefill, 10 s of it the static row's
+    assert quarter["guide_allowance_seconds"] == pytest.approx(56 / 4.6 - 10.0) and quarter["default_guide_seconds"] == 4.0
+    assert "leaves the guide 2.17 s (3.9% of the full prefill)" in quarter["why"] and "took 4.00 s" in quarter["why"]
+    tenth = report["0.1"]
+    assert tenth["reached"] is True and tenth["short_by"] == 0.0 and tenth["guide_allowance_seconds"] == pytest.approx(56 / 11 - 4.0)
+    assert report["0.05"]["default_guide_speedup"] is None and "why" not in report["0.05"]  # no rows at that retention: nothing invented
+    slow = goal_report([rows[0], row("none", 0.25, 13.0), row("assistant", 0.25, 14.0, guide_seconds=1.0)], {"0.25": 4.6})["0.25"]
+    assert slow["guide_allowance_seconds"] < 0 and slow["why"].startswith("compression + prefill alone already miss the goal")
+
+
+def test_bench_command_prints_the_goal_verdict_and_why(tmp_path, capsys):
+    from vidtok.cli import main
+
+    config = {"name": "t", "main": {"toy": "test"}, "guide": {"toy": "test", "share_vision": True}, "frames": 4, "repeats": 1, "warmup": 0,
+              "decode_tokens": 1, "runs": [{"method": "visionzip", "guide": "none", "retentions": [0.25]},
+                                           {"method": "visionzip", "guide": "assistant", "retentions": [0.25]}], "goal": {"0.25": 1000}}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert main(["bench", str(tmp_path / "c.json"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())["goal"]["0.25"]
+    assert report["reached"] is False and "why" in report  # no toy prefill is 1000x faster than full
+    assert f"goal at 0.25: LLM-side >= 1000x, default guide {report['default_guide_speedup']:.2f}x: short by" in printed
+    assert report["why"] in printed
 
 
 def test_the_guide_pass_builds_no_prompt_by_prompt_matrix():

@@ -281,6 +281,11 @@ def cmd_bench(args) -> int:
     writable_dir(out)
     report = run_bench(config, out, log=(lambda *a: None) if args.quiet else print)
     print(table(report["rows"]))
+    for retention, goal in (report.get("goal") or {}).items():
+        got = goal["default_guide_speedup"]
+        verdict = "no default-guide row" if got is None else f"default guide {got:.2f}x: " + (
+            "reached" if goal["reached"] else f"short by {goal['short_by']:.2f}x")
+        print(f"goal at {retention}: LLM-side >= {goal['goal']:g}x, {verdict}" + (f"; {goal['why']}" if "why" in goal else ""))
     print(f"results in {out}/ (bench.json, {'sweep.png' if config.sweep_frames else 'bench.png'})")
     if report.get("stopped"):
         print(f"the sweep stopped: {report['stopped']['reason']}")
