@@ -9,7 +9,6 @@ import torch
 
 import vidtok
 from vidtok import Composed, DyToK, FastV, Full, Random, Uniform, VisionZip, adapter_for, generate, prepare
-from vidtok.models import QwenVideo
 from vidtok.testbed.toy import QWEN_SPECIALS, build_qwen_toy_model, build_tokenizer
 
 from helpers import assert_unchanged, snapshot
