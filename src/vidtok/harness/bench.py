@@ -356,7 +356,8 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
         report["goal"] = goal_report(results, config.goal)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}")
+    plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}",
+               goal=config.goal)
     return report
 
 
@@ -561,7 +562,7 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def plot_bench(rows, path, title) -> None:
+def plot_bench(rows, path, title, goal: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -581,6 +582,8 @@ def plot_bench(rows, path, title) -> None:
         left.plot(xs, [r["ttft_speedup"] for r in rs], "o-", color=colour, label=f"{key}: to first token")
         left.plot(xs, [r["llm_side_speedup"] for r in rs], "s--", color=colour, alpha=0.6, label=f"{key}: guide + compress + prefill")
     left.axhline(1, color="gray", linestyle=":")
+    for retention, target in (goal or {}).items():  # the LLM-side goal of the default-guide rows
+        left.plot([100 * float(retention)], [target], "k*", markersize=12, label="LLM-side goal" if retention == next(iter(goal)) else None)
     left.set_xlabel("visual tokens kept (%)")
     left.set_ylabel("speedup vs full (same run, medians)")
     left.grid(alpha=0.3)
