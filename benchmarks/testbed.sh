@@ -28,5 +28,8 @@ vidtok calibrate data/calib --model toy-v2-main --plot benchmarks/results/prior-
 vidtok calibrate data/calib --model toy-v2-assistant --plot benchmarks/results/prior-toy-v2-assistant.png
 vidtok synth data/v2test --task events --kinds needle,majority --count 200 --seed 1
 vidtok eval data/v2test --model toy-v2 --assistant toy-v2-assistant --methods keyframe,visionzip --guides none,self,assistant --retentions 0.0625,0.125,0.25 --out benchmarks/results/eval-v2test --quiet --overwrite
+# all five kinds held out: accuracy (the pair answers only needle and majority) and evidence survival per kind
+vidtok synth data/v2all --task events --count 250 --seed 2
+vidtok eval data/v2all --model toy-v2 --assistant toy-v2-assistant --methods visionzip --guides none,self,assistant --retentions 0.125 --out benchmarks/results/eval-v2all --quiet --overwrite
 # the cheap-guide curve on v1 + v2, the v1 + v2 pair
 python benchmarks/guide_curve.py --model src/vidtok/testbed/assets/toy-v2-main --assistant src/vidtok/testbed/assets/toy-v2-assistant --split data/test16 --split data/v2test --out benchmarks/results/guide-curve-v2
