@@ -52,7 +52,8 @@ def test_readable_report(capsys):
         (["--frames", "40"], "ask for 16 frames or fewer"),
         (["/nonexistent.mp4", "what ?"], "no video file"),
         (["--guide", "assistant", "--model", "src/vidtok/testbed/assets/toy-main"], "needs --assistant"),
-        (["--guide", "none", "--floor", "1"], "need --guide self or assistant"),
+        (["--guide", "none", "--floor", "1"], "--floor sets the fewest tokens a unit keeps, which applies to guide self, assistant or inline"),
+            (["--method", "visionzip", "--layer", "3"], "--layer sets FastV's layer (tokens are dropped from it on), which applies to fastv"),
     ],
 )
 def test_bad_input_is_a_clear_error(capsys, args, message):

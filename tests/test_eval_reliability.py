@@ -319,6 +319,7 @@ def test_a_video_cache_refuses_another_video_or_sampling(toy):
     cache = VideoCache(frames)
     prepare(model, tokenizer, frames, "what shape is red ?", VisionZip(0.25), cache=cache)
     with pytest.raises(ValueError, match="belongs to another video"):
-        prepare(model, tokenizer, frames.copy(), "what shape is red ?", VisionZip(0.25), cache=cache)
+        prepare(model, tokenizer, frames + 1, "what shape is red ?", VisionZip(0.25), cache=cache)
+    prepare(model, tokenizer, frames.copy(), "what shape is red ?", VisionZip(0.25), cache=cache)  # the same content: the same video
     with pytest.raises(ValueError, match="sampled with frames, fps"):
         prepare(model, tokenizer, frames, "what shape is red ?", VisionZip(0.25), frames=4, cache=cache)

@@ -289,11 +289,11 @@ def test_cli_match_flops_picks_the_largest_keep_within_the_share(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--method", "visionzip", "--match-flops", "0.5"], "use it with --method fastv"),
+        (["--method", "visionzip", "--match-flops", "0.5"], "which applies to fastv, not to visionzip"),
         (["--method", "fastv", "--match-flops", "0.01", "--layer", "3"], "raise the share or use an earlier --layer"),
         (["--method", "fastv", "--layer", "4"], r"outside 1\.\.3"),
         (["--method", "visionzip", "--guide", "inline"], "needs --method fastv"),
-        (["--method", "fastv", "--vision-retention", "0.5"], "use it with --method ENCODER"),
+        (["--method", "fastv", "--vision-retention", "0.5"], "which applies to ENCODER\\+fastv"),
         (["--method", "visionzip+fastv"], "needs --vision-retention"),
         (["--method", "fastv", "--retention", "1.5"], "retention must be a number in"),
     ],

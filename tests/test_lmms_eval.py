@@ -69,7 +69,8 @@ def _vidtok_eval(tmp_path, retention=0.125, guides="none", count=8):
     """`vidtok eval` on the shipped split: {question id: prediction}, accuracy."""
     out = tmp_path / "vidtok-eval"
     command = [
-        sys.executable, "-m", "vidtok.cli", "eval", str(DATA), "--model", str(MAIN), "--assistant", str(ASSISTANT),
+        sys.executable, "-m", "vidtok.cli", "eval", str(DATA), "--model", str(MAIN),
+        *(["--assistant", str(ASSISTANT)] if "assistant" in guides else []),  # refused where no guide reads it
         "--methods", "visionzip", "--guides", guides, "--retentions", str(retention), "--limit", str(count),
         "--out", str(out), "--quiet",
     ]  # fmt: skip
@@ -178,7 +179,10 @@ def test_fastv_with_the_inline_prior_runs_inside_lmms_eval(tmp_path):
 BAD = [
     ("method=visionzip,guide=inline", "use method=fastv"),
     ("method=visionzip+fastv", "needs vision_retention"),
-    ("method=fastv,vision_retention=0.5", "takes no vision_retention"),
+    ("method=fastv,vision_retention=0.5", "vision_retention= sets the encoder's share before FastV, which applies to ENCODER+fastv"),
+    ("method=visionzip,layer=3", "layer= sets FastV's layer (tokens are dropped from it on), which applies to fastv and ENCODER+fastv"),
+    ("method=visionzip,seed=3", "seed= sets the random compressor's draw"),
+    ("guide=self,assistant=toy-assistant", "assistant= sets the assistant model, which applies to guide assistant"),
     ("method=fastv,layer=0", "layer=0 must be a positive integer"),
     ("retention=2", "retention=2"),
     ("methd=visionzip", "unknown key(s) ['methd']"),
@@ -194,10 +198,10 @@ BAD = [
     ("guide_pool=0", "guide_pool=0 must be a positive integer"),
     ("max_new_tokens=0", "max_new_tokens=0 must be a positive integer"),
     ("plan_log=/proc/x/p.jsonl", "plan_log='/proc/x/p.jsonl'"),
-    ("guide=none,cap=4", "cap=, floor=, guide_pool= and guide_stride= shape DyToK's budgets"),
+    ("guide=none,cap=4", "cap= sets the most tokens a unit keeps, which applies to guide self, assistant or inline, not to visionzip (guide none)"),
     ("guide_stride=0", "guide_stride=0 must be a positive integer"),
-    ("method=fastv,guide=inline,guide_stride=2", "guide=inline reads the main prefill itself"),
-    ("method=fastv,guide=inline,guide_pool=2", "guide=inline reads the main prefill itself"),
+    ("method=fastv,guide=inline,guide_stride=2", "guide_stride= sets the guide's view of every k-th unit, which applies to guide self or assistant"),
+    ("method=fastv,guide=inline,guide_pool=2", "guide_pool= sets the guide's pooled view of each unit, which applies to guide self or assistant"),
 ]
 
 

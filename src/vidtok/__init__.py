@@ -4,7 +4,7 @@ from .budget import allocate_budgets, total_budget
 from .compressors import Composed, Compressor, DyToK, FastV, FrameSignals, Full, Random, Uniform, VisionZip
 from .importance import frame_weights, last_token_attention, parse_layers
 from .models import UnsupportedModelError, adapter_for, register_adapter, supported_model_types
-from .pipeline import Plan, Prepared, Result, VideoCache, generate, prepare
+from .pipeline import ModelOutputError, Plan, Prepared, Result, VideoCache, generate, prepare
 from .video import VideoError, preprocess, read_frames
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "Result",
     "Uniform",
     "UnsupportedModelError",
+    "ModelOutputError",
     "VideoCache",
     "VideoError",
     "VisionZip",

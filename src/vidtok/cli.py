@@ -14,8 +14,10 @@ class UsageError(ValueError):
     pass
 
 
-# shipped toy models, usable wherever a model folder is (a folder of that name in the working directory wins)
-SHIPPED = {"toy": "toy-main", "toy-assistant": "toy-assistant", "toy-llava-ov": "toy-main", "toy-llava-ov-assistant": "toy-assistant",
+# shipped toy models, usable wherever a model folder is (a folder of that name in the working directory wins);
+# each asset folder's own name too ("toy-main"): it is what a user sees in the package
+SHIPPED = {"toy": "toy-main", "toy-main": "toy-main", "toy-assistant": "toy-assistant",
+           "toy-llava-ov": "toy-main", "toy-llava-ov-assistant": "toy-assistant",
            "toy-qwen2.5-vl": "toy-qwen2.5-vl", "toy-qwen2.5-vl-assistant": "toy-qwen2.5-vl-assistant",
            "toy-v2": "toy-v2-main", "toy-v2-main": "toy-v2-main", "toy-v2-assistant": "toy-v2-assistant"}
 
@@ -35,9 +37,12 @@ def load_model(path):
 
     path = shipped_path(path)
     if not (path / "config.json").is_file():
+        # a name that is no folder was likely meant as a shipped one: list them
+        shipped = "" if path.exists() else f"; or name a shipped toy model: {', '.join(SHIPPED)}"
         raise UsageError(
             f"no model at {str(path)!r}: expected a folder with config.json, safetensors and tokenizer files "
             "(vidtok never downloads; fetch a checkpoint first, e.g. `hf download llava-hf/llava-onevision-qwen2-0.5b-ov-hf --local-dir DIR`)"
+            + shipped
         )
     try:
         config = AutoConfig.from_pretrained(path)
@@ -90,6 +95,7 @@ def _method(args, model, assistant, tokenizer=None, video=None, question=None):
     from .testbed.toy import default_guide_layers
 
     guide = args.guide or ("none" if args.method == "full" else "assistant" if assistant is not None else "self")
+    _check_given(args, [(args.method, guide)])
     layers = args.layers if args.layers is not None else default_guide_layers(guide, model, assistant, args.layer)
     retention = args.retention
     if getattr(args, "match_flops", None) is not None:
@@ -104,6 +110,26 @@ def _method(args, model, assistant, tokenizer=None, video=None, question=None):
     method = build_method(args.method, retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool,
                           layer=args.layer, vision_retention=args.vision_retention, guide_stride=args.guide_stride)
     return method, video
+
+
+METHOD_DEFAULTS = {"layer": 2, "floor": 0, "seed": 0, "guide_pool": 1, "guide_stride": 1}  # argparse leaves them None: given or not
+
+
+def _check_given(args, runs) -> None:
+    """Refuse the options given on the command line that apply to none of `runs` (the one table in
+    compressors/options.py), then fill in the defaults of those not given."""
+    from .compressors.options import check_options
+
+    given = {name for name in vars(args) if getattr(args, name) is not None}
+    if getattr(args, "sample", False):  # vidtok run --sample: --seed also seeds the sampling
+        given.discard("seed")
+    try:
+        check_options(given, runs)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    for name, value in METHOD_DEFAULTS.items():
+        if getattr(args, name, value) is None:
+            setattr(args, name, value)
 
 
 def _pixels(model, video, args):
@@ -133,7 +159,8 @@ def cmd_run(args) -> int:
 
     model, tokenizer, assistant, note = _load(args)
     video, question, frames = _video_and_question(args)
-    method, video = _method(args, model, assistant, tokenizer, video, question)
+    source = video
+    method, video = _method(args, model, assistant, tokenizer, video, question)  # --match-flops: video is now decoded pixels
     if args.sample:
         import torch
 
@@ -145,9 +172,11 @@ def cmd_run(args) -> int:
     record = {
         "answer": result.text,
         "question": question,
-        "video": str(video),
+        "video": str(source),
         "model": args.model or "default toy model",
         **result.plan.to_dict(),
+        "method": args.method,  # as asked: keyframe names its allocation; its encoder-side base is "base"
+        "base": result.plan.method,
     }
     if note:
         record["note"] = note
@@ -200,6 +229,14 @@ def cmd_eval(args) -> int:
         guide_stride=args.guide_stride,
         layer=args.layer,
     )
+    if args.assistant is not None:
+        from .compressors.options import check_options
+        from .harness.evaluate import configurations
+
+        try:
+            check_options(["assistant"], [(run[0], run[1]) for run in configurations(config)])
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     model, tokenizer, assistant, note = _load(args)
     if note:
         raise UsageError(f"nothing to evaluate: {note}")
@@ -243,6 +280,10 @@ def cmd_calibrate(args) -> int:
             raise UsageError(f"{error}; or pass --dry-run to only report the layers") from None
 
     records = read_split(args.split)[: args.limit]
+    if not records:  # said before a model is loaded, and as what it is (not "lacks labels")
+        jsonl = Path(args.split) / "questions.jsonl" if Path(args.split).is_dir() else Path(args.split)
+        raise UsageError(f"the split {jsonl} is empty (no question records); "
+                         "write a labelled one with `vidtok synth OUT_DIR` and calibrate on OUT_DIR")
     plot = figure_target(args.plot, "--plot")[0] if args.plot else None
     folder = None if args.dry_run else (shipped_path(args.model) if args.model else ASSETS / "toy-main")
     if folder is not None and folder.is_dir():  # before loading (a missing folder is load_model's to name, not to create here)
@@ -263,20 +304,18 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .harness.bench import BenchConfig, run_bench, table
+    from .harness.bench import BenchConfig, resolve_device, run_bench, table
     from .harness.files import writable_dir
 
-    config = BenchConfig.load(args.config)
+    config = BenchConfig.load(args.config)  # checks every key of the file; argparse checked the flags
     if args.repeats is not None:
         config.repeats = args.repeats
     if args.warmup is not None:
         config.warmup = args.warmup
-    for key, least in (("repeats", 1), ("warmup", 0)):  # the flags are checked by argparse; these came from the config
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UsageError(f"{key} {value!r} in {args.config}: expected a whole number >= {least}")
     if args.device is not None:
         config.device = args.device
+    # a device this machine lacks is the user's to fix, before the result folder is made
+    resolve_device(config.device, "--device" if args.device is not None else f"device in {args.config}")
     out = args.out or f"benchmarks/results/bench-{config.name}"
     writable_dir(out)
     report = run_bench(config, out, log=(lambda *a: None) if args.quiet else print)
@@ -302,9 +341,10 @@ def cmd_synth(args) -> int:
 
         if args.needles is not None:
             raise UsageError("--needles sets the needle task's needle count; the events task always has three events")
-        kinds = {"kinds": tuple(args.kinds.split(","))} if args.kinds else {}
+        # `is not None`: an empty --kinds is refused by event_samples, not taken for "the defaults"
+        kinds = {"kinds": tuple(k.strip() for k in args.kinds.split(",")) if args.kinds.strip() else ()} if args.kinds is not None else {}
         path = write_event_split(args.out, args.seed, args.count, frames=args.frames or 32, **kinds)
-    elif args.kinds:
+    elif args.kinds is not None:
         raise UsageError("--kinds picks testbed v2's question kinds: use it with --task events")
     else:
         path = write_split(args.out, args.seed, args.count, frames=args.frames or 16, needles=args.needles or 2)
@@ -313,11 +353,15 @@ def cmd_synth(args) -> int:
 
 
 def _report(r) -> None:
-    guide = f" + DyToK (guide: {r['guide']}, layers {r['guide_layers']})" if r["guide"] else ""
+    base = r.get("base", r["method"])
+    if r.get("allocation") == "binary":
+        method = f"keyframe selection (guide: {r['guide']}, layers {r['guide_layers']}; {base} within a partly kept frame)"
+    else:
+        method = base + (f" + DyToK (guide: {r['guide']}, layers {r['guide_layers']})" if r["guide"] else "")
     print(f"question: {r['question']}")
     print(f"answer:   {r['answer']}")
     fastv = f", FastV layer {r['layer']} (same prefill FLOPs as retention {r['flops_retention']:.3f} before the LLM)" if r.get("layer") else ""
-    print(f"method:   {r['method']}{guide}, retention {r['retention']:g}{fastv}")
+    print(f"method:   {method}, retention {r['retention']:g}{fastv}")
     print(f"kept {r['visual_tokens_kept']} of {r['visual_tokens_in']} visual tokens "
           f"({r['frames']} {'temporal groups' if r.get('unit') == 'temporal_group' else 'frames'} x {r['tokens_per_frame']}), "
           f"budget {r['total_budget']}")
@@ -364,17 +408,17 @@ def _add_method_args(p, retention_default=None):
                    help="base compressor (default visionzip); fastv drops tokens inside the LLM; ENCODER+fastv chains both")
     p.add_argument("--guide", choices=GUIDES, help="DyToK guide: none (static budgets), self, assistant, inline (FastV: the main model's own "
                    "attention below --layer, same prefill) (default: assistant if one is available, else self)")
-    p.add_argument("--layer", type=_count, default=2, help="FastV: the LLM layer from which dropped tokens are gone (default 2, as in FastV)")
+    p.add_argument("--layer", type=_count, help="FastV: the LLM layer from which dropped tokens are gone (default 2, as in FastV)")
     p.add_argument("--vision-retention", type=float, help="ENCODER+fastv: the encoder's share; --retention is the share kept from --layer on")
     p.add_argument("--assistant", help="assistant model folder (same family and tokenizer) for --guide assistant")
     p.add_argument("--retention", type=float, default=retention_default, help="kept share of visual tokens in (0, 1] (default 0.25)")
     p.add_argument("--layers", help="guide layers, 'A-B' or 'A,B,C' (default: calibrated for the guide, else its last third)")
     p.add_argument("--cap", type=_count, help="max tokens per frame (default: all of a frame's tokens)")
-    p.add_argument("--floor", type=int, default=0, help="min tokens per frame (default 0)")
-    p.add_argument("--guide-pool", type=_count, default=1, help="the guide sees each frame average-pooled k x k (default 1: full grid)")
-    p.add_argument("--guide-stride", type=_count, default=1,
+    p.add_argument("--floor", type=int, help="min tokens per frame (default 0)")
+    p.add_argument("--guide-pool", type=_count, help="the guide sees each frame average-pooled k x k (default 1: full grid)")
+    p.add_argument("--guide-stride", type=_count,
                    help="the guide sees every k-th frame, the others weighted by interpolation (default 1: every frame)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --method random and for sampling")
+    p.add_argument("--seed", type=int, help="seed for --method random and for sampling (default 0)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -414,10 +458,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--retentions", type=_numbers, default="0.0625,0.125,0.25,0.5", help="comma-separated kept shares in (0, 1]")
     ev.add_argument("--layers", help="guide layers for every run (default: calibrated per guide)")
     ev.add_argument("--limit", type=_count, help="first N questions only")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--guide-pool", type=_count, default=1, help="guided runs: the guide sees frames pooled k x k")
-    ev.add_argument("--guide-stride", type=_count, default=1, help="guided runs: the guide sees every k-th frame")
-    ev.add_argument("--layer", type=_count, default=2, help="FastV's layer (default 2)")
+    ev.add_argument("--seed", type=int, help="method random: its seed (default 0)")
+    ev.add_argument("--guide-pool", type=_count, help="guided runs: the guide sees frames pooled k x k (default 1)")
+    ev.add_argument("--guide-stride", type=_count, help="guided runs: the guide sees every k-th frame (default 1)")
+    ev.add_argument("--layer", type=_count, help="FastV's layer (default 2)")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
     ev.add_argument("--overwrite", action="store_true",
                     help="recompute result folders made by a different evaluation (other split, limit, model, layers, ...) instead of refusing")
@@ -437,7 +481,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="result folder (default benchmarks/results/bench-<name>)")
     bench.add_argument("--repeats", type=_count, help="timed repeats per configuration (median reported)")
     bench.add_argument("--warmup", type=_count0, help="untimed warm-up calls per configuration")
-    bench.add_argument("--device", help="cpu, cuda or auto")
+    bench.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's device, itself auto by default)")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_bench)
 

@@ -19,6 +19,7 @@ from .compressors import Composed, Compressor, DyToK, FastV, Full
 from .compressors.fastv import fastv_keep
 from .importance import frame_weights, last_token_attention, last_token_attention_all_keys, spread_weights
 from .models import adapter_for
+from .video import fingerprint
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Plan:
     vision_retention: float | None = None  # share of visual tokens the LLM receives (before layer K)
     vision_budgets: list[int] | None = None  # per-frame tokens the LLM receives, when FastV drops more inside it
     unit: str = "frame"  # the unit of importance and budget: "frame" or "temporal_group" (Qwen-VL: 2 frames)
+    # how the budget was split across units: "uniform" (no guide), "proportional" (DyToK) or "binary" (keyframe selection)
+    allocation: str = "uniform"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,19 +99,38 @@ class VideoCache:
     model and per whether VisionZip's signals were read) and a guide's frame weights (per guide
     model, layers, pooling and question). Each is exactly what the call would compute itself; a
     reused stage is timed as `<stage>_reused` in the plan (the seconds it took when computed),
-    and `saved` sums them. Bound to one `video` object: passing it with another video is an error.
+    and `saved` sums them.
+
+    Bound to one video's content (`video.fingerprint`: a file's path, size, mtime and inode; an
+    array's bytes), checked at every call: frames overwritten in place, or a file rewritten, since
+    the cache was filled make it drop what it holds and compute again (`refreshed` counts it); a
+    different video is an error. The same content given as another object (a copy, `Path` for
+    `str`) is the same video.
     """
 
     def __init__(self, video):
         self.video = video
+        self.fingerprint = fingerprint(video)
         self.sampling = None
         self.entries: dict = {}
         self.saved: dict[str, float] = {}
         self.computed: dict[str, int] = {}
+        self.refreshed = 0
+
+    def _same_source(self, video) -> bool:
+        if isinstance(video, (str, os.PathLike)) and isinstance(self.video, (str, os.PathLike)):
+            return os.path.realpath(os.fspath(video)) == os.path.realpath(os.fspath(self.video))
+        return video is self.video
 
     def bind(self, video, frames, fps) -> None:
-        if video is not self.video:
-            raise ValueError("this VideoCache belongs to another video: make one VideoCache per video (VideoCache(video))")
+        current = fingerprint(video)
+        if current != self.fingerprint:
+            if not self._same_source(video):
+                raise ValueError("this VideoCache belongs to another video: make one VideoCache per video (VideoCache(video))")
+            # the same frames object or file with other content: everything held describes the old video
+            self.entries.clear()
+            self.sampling, self.fingerprint = None, current
+            self.refreshed += 1
         if self.sampling is None:
             self.sampling = (frames, fps)
         elif self.sampling != (frames, fps):
@@ -137,6 +159,47 @@ def _fetch(cache: VideoCache | None, key: tuple, stage: str, timer, compute, own
         with timer(stage):
             return compute()
     return cache.fetch(key, stage, timer, compute, owner)
+
+
+class ModelOutputError(ValueError):
+    """A model computed NaN or infinite values: damaged weights, not a vidtok or input problem."""
+
+
+def _finite(tensor: torch.Tensor, what: str, model) -> torch.Tensor:
+    """`tensor`, or a ModelOutputError naming the model: NaN/inf would otherwise surface as an
+    empty answer or a budget error far from their cause."""
+    if not torch.isfinite(tensor).all():
+        _damaged(what, model)
+    return tensor
+
+
+def _damaged(what: str, model):
+    where = getattr(model, "name_or_path", "") or f"the {type(model).__name__} (built in code)"
+    dtype = next(model.parameters()).dtype
+    unsupported = "" if dtype == torch.float32 else f", or it does not run in {str(dtype).replace('torch.', '')} (load it in float32)"
+    raise ModelOutputError(
+        f"{where} produces NaN/inf {what}: its weights are likely damaged or incompatible{unsupported}; "
+        "restore the checkpoint's *.safetensors (download or save it again)"
+    )
+
+
+def _finite_video(encoded, model):
+    _finite(encoded.features, "vision features", model)
+    return encoded
+
+
+class _FiniteLogits:
+    """A generate() logits processor that stops at the first NaN/inf logits (greedy decoding would
+    otherwise turn them into token 0, an empty answer with no error)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, scores):
+        # -inf is a processor's ban (suppressed tokens, a minimum length); NaN, +inf or a row with nothing finite is damage
+        if torch.isnan(scores).any() or torch.isposinf(scores).any() or not torch.isfinite(scores).any(-1).all():
+            _damaged("logits", self.model)
+        return scores
 
 
 def device_sync(device: torch.device):
@@ -197,9 +260,9 @@ class _FastVStage:
                 return
             visual = self.visual.to(query.device)
             if rank:
-                self.captured["rank"] = last_token_attention_all_keys(query, key, visual, scaling)[0]
+                self.captured["rank"] = _finite(last_token_attention_all_keys(query, key, visual, scaling)[0], "attention", self.adapter.model)
             if prior:
-                self.captured[layer] = last_token_attention(query, key, visual, scaling)[0]
+                self.captured[layer] = _finite(last_token_attention(query, key, visual, scaling)[0], "attention", self.adapter.model)
 
         return observe
 
@@ -273,7 +336,8 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         shared = dytok.share_vision and _same_tower(dytok, main, guide)
         source = encoded  # ...computed once when both models have the same tower
         encoded = _fetch(cache, ("guide_vision", id(guide.model), shared, id(source)), "guide_vision", timer,
-                         lambda: guide.project(source.vision_hidden, source) if shared else guide.encode_video(pixels), guide.model)
+                         lambda: _finite_video(guide.project(source.vision_hidden, source) if shared else guide.encode_video(pixels), guide.model),
+                         guide.model)
 
     stride = dytok.guide_stride
     if stride > 1 and stride >= frames:
@@ -288,7 +352,7 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         ids = guide.prompt_ids(tokenizer, question, [features.shape[1]] * units, view_pixels)
         _check_length(guide, ids, "guide")
         embeds = torch.cat([features.flatten(0, 1), view.newline])
-        weights = frame_weights(guide.token_attention(ids, embeds, layers, view), units)
+        weights = frame_weights(_finite(guide.token_attention(ids, embeds, layers, view), "attention", guide.model), units)
         return weights if stride == 1 else spread_weights(weights, stride, frames)
 
     return _fetch(cache, key, "guide", timer, attend, guide.model)
@@ -336,6 +400,8 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     if not isinstance(question, str) or not question.strip():
         raise ValueError("the question must be a non-empty string")
     if cache is not None:
+        if not isinstance(cache, VideoCache):
+            raise TypeError(f"cache must be a vidtok.VideoCache of this video (cache=VideoCache(video)) or None, got {type(cache).__name__}")
         cache.bind(video, frames, fps)
     _check_question(tokenizer, question)
     base, dytok = _describe(method)
@@ -372,7 +438,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         layers = guide.guide_layers(dytok.layers)
 
     signals = compressing and encoder.needs_vision_signals
-    encoded = _fetch(cache, ("vision", id(model), signals), "vision", timer, lambda: adapter.encode_video(pixels, signals=signals), model)
+    encoded = _fetch(cache, ("vision", id(model), signals), "vision", timer, lambda: _finite_video(adapter.encode_video(pixels, signals=signals), model), model)
     features, newline = encoded.features, encoded.newline
 
     weights = None
@@ -414,6 +480,7 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         vision_retention=vision_budget / (num_frames * per_frame),
         flops_retention=vision_budget / (num_frames * per_frame),
         unit=adapter.unit,
+        allocation=dytok.allocation if dytok else "uniform",
     )
     apply = nullcontext
     if fastv is not None:
@@ -445,6 +512,9 @@ def generate(model, tokenizer, video, question: str, method=None, *, frames: int
     if prepared.plan.layer is not None and generate_kwargs.get("use_cache") is False:
         raise ValueError("FastV drops tokens from the KV cache of its layers: it needs use_cache=True (generate's default); drop use_cache=False")
     generate_kwargs.setdefault("max_new_tokens", 32)
+    from transformers import LogitsProcessorList
+
+    generate_kwargs["logits_processor"] = LogitsProcessorList([*(generate_kwargs.get("logits_processor") or []), _FiniteLogits(model)])
     prompt_length = prepared.inputs["input_ids"].shape[1]
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit and isinstance(generate_kwargs["max_new_tokens"], int) and prompt_length + generate_kwargs["max_new_tokens"] > limit:

@@ -139,6 +139,79 @@ def preprocess(frames: np.ndarray | torch.Tensor, size: int, mean: Sequence[floa
     return (pixels - mean_t) / std_t
 
 
+VIDEO_TYPES = ("a video file path (str or pathlib.Path), uint8 RGB frames [F, H, W, 3] (a numpy array, torch tensor or list of "
+               "frames), or float pixel values [F, 3, H, W] already normalised for the model (a torch tensor)")
+
+
+def as_frames(video) -> np.ndarray:
+    """uint8 RGB frames [F, H, W, 3] from what a caller passed that is neither a path nor float
+    pixel values, or a VideoError naming what was given and what is accepted."""
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        raise VideoError(f"video was given as {type(video).__name__} (an encoded file's bytes?); vidtok takes {VIDEO_TYPES}: "
+                         "write the bytes to a file and pass its path")
+    if not isinstance(video, (np.ndarray, torch.Tensor, list, tuple)):
+        raise VideoError(f"video was given as {type(video).__name__} ({video!r:.40}); vidtok takes {VIDEO_TYPES}")
+    frames = video.cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
+        raise VideoError(f"expected RGB frames [F>0, H>0, W>0, 3], got shape {frames.shape}; vidtok takes {VIDEO_TYPES}")
+    if np.issubdtype(frames.dtype, np.floating):
+        raise VideoError(
+            f"the frames are a numpy array of {frames.dtype}: vidtok reads RGB frames as uint8 0..255 "
+            "(for values in [0, 1]: np.clip(frames * 255, 0, 255).round().astype(np.uint8)), or float pixel values "
+            "[F, 3, H, W] already normalised for the model as a torch tensor"
+        )
+    if frames.dtype != np.uint8:
+        raise VideoError(f"expected uint8 RGB frames, got {frames.dtype}; convert them with frames.astype(np.uint8) (values 0..255)")
+    return frames
+
+
+def fingerprint(video):
+    """What identifies a video's content, to tell a cache whether it still holds the same video: a
+    file's real path, size, modification time and inode (rewriting or replacing the file changes
+    them), an array's type, shape, dtype and a hash of every byte (an in-place edit changes it).
+    Hashing is about 1 GB/s, small beside decoding or encoding the frames."""
+    import dataclasses
+    import hashlib
+
+    if isinstance(video, (str, os.PathLike)):
+        path = os.path.realpath(os.fspath(video))
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return ("file", path, None)
+        return ("file", path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if isinstance(video, torch.Tensor):
+        flat = video.detach().cpu().contiguous().reshape(-1)
+        return ("tensor", tuple(video.shape), str(video.dtype), hashlib.blake2b(flat.view(torch.uint8).numpy(), digest_size=16).hexdigest())
+    if isinstance(video, np.ndarray) and video.dtype != object:
+        flat = np.ascontiguousarray(video).reshape(-1)
+        return ("ndarray", video.shape, str(video.dtype), hashlib.blake2b(flat.view(np.uint8), digest_size=16).hexdigest())
+    if dataclasses.is_dataclass(video) and not isinstance(video, type):
+        return (type(video).__name__, tuple(fingerprint(getattr(video, f.name)) for f in dataclasses.fields(video)))
+    if isinstance(video, (list, tuple)):
+        return (type(video).__name__, tuple(fingerprint(v) for v in video))
+    return (type(video).__name__, repr(video))
+
+
+def file_identity(path, known: dict | None = None) -> dict | None:
+    """{"size", "mtime_ns", "sha256"} of a file, None when it cannot be read. `known`: an earlier
+    identity of the file; while its size and mtime still match, its hash is trusted instead of
+    reading the file again (a rewrite changes the mtime; a copy elsewhere is re-hashed and matches)."""
+    import hashlib
+
+    try:
+        stat = os.stat(path)
+        if known and (known.get("size"), known.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            return dict(known)
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
 def check_frames(frames) -> None:
     if frames is not None and (isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1):
         raise VideoError(f"frames must be a whole number >= 1 (or None for the default), got {frames!r}")
@@ -157,7 +230,7 @@ def load_pixels(video, frames: int | None, size: int, mean, std, fps: float | No
             raise VideoError(f"pixel values must be [F, 3, {size}, {size}] for this model, got {tuple(video.shape)}")
         pixels = video
     else:
-        pixels = preprocess(np.asarray(video), size, mean, std)
+        pixels = preprocess(as_frames(video), size, mean, std)
     if pixels.shape[0] == 0:
         raise VideoError("the video has zero frames")
     if pixels.is_floating_point() and not torch.isfinite(pixels).all():

@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..budget import allocate_budgets, check_retention, keyframe_budgets
 from .base import Compressor
 
@@ -53,6 +55,13 @@ class DyToK:
         if isinstance(self.guide, (str, os.PathLike)) and self.guide not in ("self", "inline"):
             raise ValueError(
                 f'guide must be "self", "inline" or a loaded assistant model, got {self.guide!r}; '
+                "load an assistant with AutoModelForImageTextToText.from_pretrained(path)"
+            )
+        if not isinstance(self.guide, str) and not (isinstance(self.guide, torch.nn.Module) and hasattr(self.guide, "config")):
+            hint = " (a tokenizer: pass the assistant model itself; it shares the main model's tokenizer)" if callable(
+                getattr(self.guide, "encode", None)) else ""
+            raise TypeError(
+                f'guide must be "self", "inline" or a loaded assistant model, got {type(self.guide).__name__}{hint}; '
                 "load an assistant with AutoModelForImageTextToText.from_pretrained(path)"
             )
         if self.guide == "inline" and self.base.side == "vision":

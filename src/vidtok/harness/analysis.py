@@ -87,7 +87,9 @@ def best_range(weights: list[torch.Tensor], records, layer_ids=None) -> tuple[li
 def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> dict:
     from ..testbed.toy import CALIBRATION_FILE
 
-    if not records or any("needle_frame" not in r for r in records):
+    if not records:  # an empty split lacks questions, not labels: say which
+        raise ValueError("calibration got no records (an empty split); calibrate on a labelled split, e.g. one written by `vidtok synth OUT_DIR`")
+    if any("needle_frame" not in r for r in records):
         raise ValueError("calibration needs a labelled split: every record with a needle_frame")
     for record in records:  # before any compute where the record says its frame count
         frames = record.get("frames")

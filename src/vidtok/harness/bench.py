@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .. import flops
+from ..compressors import GUIDES, METHODS, build_method
+from ..importance import parse_layers
 from ..pipeline import _Timer, device_sync, prepare
 
 STAGES = ("decode", "vision", "guide_vision", "guide", "compress", "prefill")
@@ -45,22 +49,307 @@ class BenchConfig:
     sweep_frames: list | None = field(default=None, metadata={"help": "a length sweep: every run at each frame count, ascending"})
     point_seconds: float = field(default=600.0, metadata={"help": "sweep: skip a length whose predicted time passes this"})
     goal: dict | None = field(default=None, metadata={"help": 'LLM-side speedup goals of the default-guide rows, {"0.25": 4.6, "0.1": 11}'})
+    source: InitVar[str | None] = None  # the file the values came from, named in every error
 
-    def __post_init__(self):
-        if self.sweep_frames is not None:
-            if not isinstance(self.sweep_frames, list) or not self.sweep_frames or any(
-                    isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sweep_frames):
-                raise ValueError(f"sweep_frames must be a list of whole numbers >= 1, got {self.sweep_frames!r}")
-        if isinstance(self.point_seconds, bool) or not isinstance(self.point_seconds, (int, float)) or not self.point_seconds > 0:
-            raise ValueError(f"point_seconds must be a positive number of seconds, got {self.point_seconds!r}")
+    def __post_init__(self, source):
+        self._source = str(source) if source is not None else "the bench config"
+        _check_config(self, _Check(self._source))
 
     @classmethod
     def load(cls, path) -> "BenchConfig":
-        data = json.loads(Path(path).read_text())
-        unknown = set(data) - set(cls.__dataclass_fields__)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ValueError(f"cannot read the bench config {path}: {error.strerror or error}; examples are in benchmarks/configs/") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"the bench config {path} is not UTF-8 text: write it as JSON") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the bench config {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f'the bench config {path} must hold one JSON object, {{"name": ..., "main": ...}}; it holds {_json_kind(data)}')
+        names = {f.name: f for f in fields(cls)}
+        unknown = set(data) - set(names)
         if unknown:
-            raise ValueError(f"unknown bench config keys {sorted(unknown)} in {path}; allowed: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+            raise ValueError(f"unknown bench config keys {sorted(unknown)} in {path}; allowed: {sorted(names)}")
+        for name, f in names.items():  # a dataclass would say "__init__() missing 1 required positional argument"
+            if name not in data and f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"{name} is missing in {path}: add \"{name}\", the {f.metadata['help']}")
+        return cls(**data, source=path)
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
+
+
+# ---- config checks: one helper per kind of check; each failure names the file, the key path, the value and the rule
+
+BENCH_METHODS = tuple(m for m in METHODS if "+" not in m)
+FAMILIES = ("llava_onevision", "qwen2_5_vl")
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = "cpu, cuda, cuda:N or auto"
+DEVICE_PATTERN = r"cpu|auto|cuda(:\d+)?"
+RUN_KEYS = ("method", "guide", "retentions", "guide_pool", "guide_stride", "layers", "layer")
+TEXT_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# the whole-number sizes of a geometry; transformers takes any value for them and fails only once the model is built
+SIZES = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                   "max_position_embeddings", "image_size", "patch_size", "num_channels", "depth", "num_heads", "in_channels",
+                   "spatial_merge_size", "temporal_patch_size", "window_size", "out_hidden_size", "tokens_per_second"})
+KINDS = (((bool,), "true or false"), ((int, float), "a number"), ((str,), "a string"), ((list,), "a list"), ((dict,), "an object"))
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Check:
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, path, value, problem) -> ValueError:
+        return ValueError(f"{path} {value!r} in {self.source}: {problem}")
+
+    def fail(self, path, value, rule):
+        name = re.search(r"[^.\[\]]+(\[[^\]]*\])*$", path)[0]  # the last key of the path, with its index
+        raise self.error(path, value, f"{name} must be {rule}")
+
+    def missing(self, path, fix):
+        raise ValueError(f"{path} is missing in {self.source}: {fix}")
+
+    def kind(self, value, path, types, rule):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # JSON true is no number
+            self.fail(path, value, rule)
+        return value
+
+    def whole(self, value, path, least=1, most=None, why=""):
+        if not _is_whole(value) or value < least or (most is not None and value > most):
+            self.fail(path, value, f"a whole number {f'>= {least}' if most is None else f'in {least}..{most}'}{why}")
+        return value
+
+    def number(self, value, path, rule, high=math.inf):
+        """A number in (0, high]."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= high:
+            self.fail(path, value, rule)
+        return value
+
+    def choice(self, value, path, choices):
+        if not isinstance(value, str) or value not in choices:
+            self.fail(path, value, f"one of {', '.join(choices)}")
+        return value
+
+    def mapping(self, value, path, allowed):
+        self.kind(value, path, (dict,), "an object {...}")
+        unknown = sorted(set(value) - set(allowed), key=str)
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in {path} of {self.source}; allowed: {', '.join(sorted(allowed))}")
+        return value
+
+    def items(self, value, path, rule):
+        if not isinstance(value, list) or not value:
+            self.fail(path, value, f"a non-empty list of {rule}")
+        return value
+
+
+def _check_config(config: BenchConfig, check: _Check) -> None:
+    """Every key, before any model is built: the settings, then the model specs, then the runs (which read the specs' depths)."""
+    check.kind(config.name, "name", (str,), "a string (it names the result folder)")
+    if not config.name.strip() or any(c in config.name for c in "/\\"):
+        check.fail("name", config.name, "a non-empty name without / or \\ (it names the result folder)")
+    # decode_tokens >= 1: the decode throughput is these tokens over their time, and 0 tokens would report 0 tokens/s
+    for key, least in (("frames", 1), ("repeats", 1), ("warmup", 0), ("decode_tokens", 1), ("seed", 0)):
+        check.whole(getattr(config, key), key, least)
+    check.choice(config.dtype, "dtype", DTYPES)
+    if not isinstance(config.device, str) or not re.fullmatch(DEVICE_PATTERN, config.device):
+        check.fail("device", config.device, f"one of {DEVICES}")
+    if config.sweep_frames is not None and not (isinstance(config.sweep_frames, list) and config.sweep_frames
+                                                and all(_is_whole(n) and n >= 1 for n in config.sweep_frames)):
+        check.fail("sweep_frames", config.sweep_frames, "a list of whole numbers >= 1 (the frame counts to measure)")
+    check.number(config.point_seconds, "point_seconds", "a positive number of seconds")
+    if config.goal is not None:
+        if config.sweep_frames is not None:
+            raise check.error("goal", config.goal, "a goal is read at one length, and a sweep measures several: drop goal or sweep_frames")
+        for retention, target in check.kind(config.goal, "goal", (dict,), 'an object of retention: LLM-side speedup, e.g. {"0.25": 4.6}').items():
+            try:
+                share = float(retention)
+            except (TypeError, ValueError):
+                share = math.nan
+            if not 0 < share <= 1:
+                raise check.error(f"goal[{retention!r}]", retention, 'the keys of goal must be retentions in (0, 1], e.g. "0.25"')
+            check.number(target, f"goal[{retention!r}]", "a positive LLM-side speedup, e.g. 4.6")
+    main = _check_spec(check, config.main, "main")
+    guide = None if config.guide is None else _check_spec(check, config.guide, "guide", main, config.main)
+    _check_runs(check, config.runs, main, guide)
+
+
+def _check_spec(check: _Check, spec, at: str, main: dict | None = None, main_spec: dict | None = None) -> dict:
+    """One model spec as build_model reads it. Returns its family, LLM depth and vision tower (None where only loading tells)."""
+    from ..testbed.toy import GEOMETRIES, toy_config
+
+    shared = {"toy", "path", "text", "vision"}
+    check.mapping(spec, at, shared | ({"family", "frame_size"} if main is None else {"share_vision"}))
+    shapes = [key for key in ("toy", "path", "text") if key in spec]
+    if len(shapes) != 1:
+        raise check.error(at, spec, 'a model spec names one model: {"toy": "test"}, {"path": folder} or {"vision": {...}, "text": {...}}')
+    if shapes != ["text"] and {"vision", "family"} & set(spec):
+        raise check.error(at, spec, "vision and family describe a geometry: they go with text, not with toy or path")
+    # a guide is built in main's family (build_model), so it names none of its own
+    family = main["family"] if main else check.choice(spec.get("family", "llava_onevision"), f"{at}.family", FAMILIES)
+    if "frame_size" in spec:
+        check.whole(spec["frame_size"], f"{at}.frame_size", why=" (pixels)")
+    if "share_vision" in spec:
+        check.kind(spec["share_vision"], f"{at}.share_vision", (bool,), "true or false")
+    if "toy" in spec:
+        name = check.choice(spec["toy"], f"{at}.toy", tuple(GEOMETRIES))
+        if family != "llava_onevision":
+            raise check.error(f"{at}.toy", name, f"a toy is a LLaVA-OV model and main is a {family} geometry: give the guide a text geometry")
+        info = {"family": family, "depth": GEOMETRIES[name][3], "tower": toy_config(name).vision_config.to_dict()}
+    elif "path" in spec:
+        if not isinstance(spec["path"], str) or not spec["path"]:
+            check.fail(f"{at}.path", spec["path"], "a checkpoint folder's path")
+        info = {"family": family, "depth": None, "tower": None}
+    else:
+        info = _check_geometry(check, spec, at, family, (main_spec or {}).get("vision") if main else None)
+    if main and spec.get("share_vision") and main["tower"] and info["tower"]:
+        differ = [f"{k} {main['tower'][k]} vs {info['tower'][k]}" for k in sorted(SIZES - {"out_hidden_size"})
+                  if k in main["tower"] and k in info["tower"] and main["tower"][k] != info["tower"][k]]
+        if differ:
+            raise check.error(f"{at}.share_vision", True, f"share_vision copies main's vision tower into the guide, but the towers differ "
+                                                          f"(main vs guide: {', '.join(differ)}); drop share_vision or give the guide main's tower")
+    return info
+
+
+def _check_sizes(check: _Check, value, path: str, base: dict, required=()) -> dict:
+    """A text or vision geometry over the config build_model lays it on; returns the two merged."""
+    check.mapping(value, path, base)
+    for key in required:
+        if key not in value:
+            check.missing(f"{path}.{key}", f"add {key}, a whole number >= 1")
+    for key, given in value.items():
+        if key in SIZES:
+            check.whole(given, f"{path}.{key}")
+        else:  # the kind of transformers' default; a key it leaves None (or an odd kind) is passed on as given
+            for types, rule in KINDS:
+                if isinstance(base[key], types):
+                    check.kind(given, f"{path}.{key}", types, f"{rule}, as in transformers' config")
+                    break
+    return {**base, **value}
+
+
+def _check_geometry(check: _Check, spec: dict, at: str, family: str, vision_from: dict | None) -> dict:
+    """A {"vision", "text"} geometry: the sizes whose mismatch the model constructors or the first forward would
+    report as a tensor-shape error."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from ..testbed.toy import QWEN_SPECIALS, SPECIALS, WORDS, qwen_toy_config
+
+    qwen = family == "qwen2_5_vl"
+    toy = qwen_toy_config("test") if qwen else None
+    text = _check_sizes(check, spec["text"], f"{at}.text", (toy.text_config if qwen else Qwen2Config()).to_dict(), TEXT_REQUIRED)
+    heads, hidden, kv = text["num_attention_heads"], text["hidden_size"], text["num_key_value_heads"]
+    if hidden % heads:
+        check.fail(f"{at}.text.num_attention_heads", heads, f"a divisor of hidden_size {hidden} (each head gets hidden_size / heads dimensions)")
+    if hidden // heads % 2:
+        check.fail(f"{at}.text.num_attention_heads", heads, f"such that hidden_size / heads is even (rotary embeddings turn pairs of "
+                                                            f"dimensions), not {hidden} / {heads} = {hidden // heads}")
+    if heads % kv:
+        if "num_key_value_heads" not in spec["text"]:
+            check.missing(f"{at}.text.num_key_value_heads", f"its default {kv} does not divide num_attention_heads {heads}: add it, a divisor of {heads}")
+        check.fail(f"{at}.text.num_key_value_heads", kv, f"a divisor of num_attention_heads {heads} (query heads share key/value heads in equal groups)")
+    words = len(SPECIALS) + len(WORDS) + (len(QWEN_SPECIALS) if qwen else 0)
+    if text["vocab_size"] < words:
+        check.fail(f"{at}.text.vocab_size", text["vocab_size"], f"a whole number >= {words} (the bench prompts with the toy tokenizer's {words} words)")
+    vision_base = (toy.vision_config if qwen else SiglipVisionConfig()).to_dict()
+    if "vision" not in spec:  # build_model gives a guide main's vision geometry, else the defaults
+        return {"family": family, "depth": text["num_hidden_layers"], "tower": {**vision_base, **(vision_from or {})}}
+    vision = _check_sizes(check, spec["vision"], f"{at}.vision", vision_base)
+    heads_key = "num_heads" if qwen else "num_attention_heads"
+    if vision["hidden_size"] % vision[heads_key]:
+        check.fail(f"{at}.vision.{heads_key}", vision[heads_key], f"a divisor of hidden_size {vision['hidden_size']}")
+    if qwen:
+        if vision["hidden_size"] // vision[heads_key] % 4:
+            check.fail(f"{at}.vision.{heads_key}", vision[heads_key], "such that hidden_size / num_heads is a multiple of 4 (the vision "
+                       f"rotary embedding splits each head in quarters), not {vision['hidden_size']} / {vision[heads_key]}")
+        blocks = check.items(vision["fullatt_block_indexes"], f"{at}.vision.fullatt_block_indexes", "block indexes (VisionZip ranks by them)")
+        for i, block in enumerate(blocks):
+            check.whole(block, f"{at}.vision.fullatt_block_indexes[{i}]", 0, vision["depth"] - 1, f" (a block of the depth-{vision['depth']} tower)")
+    elif vision["patch_size"] > vision["image_size"]:
+        check.fail(f"{at}.vision.patch_size", vision["patch_size"], f"at most image_size {vision['image_size']}")
+    return {"family": family, "depth": text["num_hidden_layers"], "tower": vision}
+
+
+def _check_runs(check: _Check, runs, main: dict, guide: dict | None) -> None:
+    from ..compressors.options import check_options
+
+    for i, run in enumerate(check.items(runs, "runs", 'runs, e.g. {"method": "visionzip", "guide": "none", "retentions": [0.25]}')):
+        at = f"runs[{i}]"
+        check.mapping(run, at, RUN_KEYS)
+        if "method" not in run:
+            check.missing(f"{at}.method", f"add one of {', '.join(BENCH_METHODS)}")
+        if isinstance(run["method"], str) and "+" in run["method"]:
+            raise check.error(f"{at}.method", run["method"], "vidtok bench has no vision retention key for a composed method: "
+                                                             "time the encoder and fastv rows apart, or use vidtok eval")
+        method = check.choice(run["method"], f"{at}.method", BENCH_METHODS)
+        guide_name = check.choice(run.get("guide", "none"), f"{at}.guide", GUIDES)
+        # the one table of which option applies to which method (run, eval and lmms-eval read it too): a key expand_runs
+        # would ignore is refused, so a row never measures something other than what the file says
+        spell = lambda option: f"{at}.{'retentions' if option.name == 'retention' else option.name}"  # noqa: E731
+        try:
+            check_options({"retention" if key == "retentions" else key for key in run} - {"method", "guide"}, [(method, guide_name)], spell)
+        except ValueError as error:
+            raise ValueError(f"{at} in {check.source}: {error}") from None
+        retentions = check.items(run.get("retentions", [1.0 if method == "full" else 0.25]), f"{at}.retentions", "numbers in (0, 1]")
+        for j, retention in enumerate(retentions):
+            check.number(retention, f"{at}.retentions[{j}]", "a number in (0, 1] (the share of visual tokens kept)", high=1)
+        if method == "full" and retentions != [1.0]:  # expand_runs measures full at 1 whatever the file says
+            check.fail(f"{at}.retentions", retentions, "[1.0] or absent: full keeps every token")
+        pool = check.whole(run.get("guide_pool", 1), f"{at}.guide_pool", why=" (the guide sees each frame pooled k x k)")
+        stride = check.whole(run.get("guide_stride", 1), f"{at}.guide_stride", why=" (the guide sees every k-th frame)")
+        if guide_name == "assistant" and guide is None:
+            raise check.error(f"{at}.guide", guide_name, 'the assistant is the config\'s "guide" model: add a "guide" spec, or use guide self')
+        depth = main["depth"]
+        layer = run.get("layer", 2)
+        if "fastv" in method:
+            check.whole(layer, f"{at}.layer", 1, None if depth is None else depth - 1, " (FastV's layer: the first that runs on the kept tokens only)")
+        if run.get("layers") is not None:
+            # inline layers are read below FastV's layer; a guide's, within its own LLM (unknown until a checkpoint loads)
+            span = layer if guide_name == "inline" else (guide if guide_name == "assistant" else main)["depth"] or 10**9
+            try:
+                parse_layers(run["layers"], span)
+            except ValueError as error:
+                raise check.error(f"{at}.layers", run["layers"], str(error)) from None
+        # what build_method refuses (a guide for full, keyframe without one, inline without FastV), before any model exists;
+        # an assistant run is asked as "self": the rules are the same, and no assistant is loaded yet
+        try:
+            for retention in retentions:
+                build_method(method, retention, "self" if guide_name == "assistant" else guide_name, guide_pool=pool, layer=layer,
+                             guide_stride=stride)
+        except ValueError as error:
+            raise ValueError(f"{at} in {check.source}: {error}") from None
+
+
+def resolve_device(name, what: str = "device") -> torch.device:
+    """The torch device `name` means on this machine; one it lacks is the user's to fix, before any model is built."""
+    if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
+        raise ValueError(f"{what} {name!r}: expected one of {DEVICES}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name.partition(":")[2] or 0) >= count:
+            have = (f"this torch ({torch.__version__}) is built without CUDA" if not torch.backends.cuda.is_built() else
+                    "torch sees no CUDA device" if not count else f"this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+            raise ValueError(f"{what} {name!r}: {have}; use cpu or auto")
+    return torch.device(name)
+
+
+def _check_checkpoints(config: BenchConfig) -> None:
+    """A {"path": DIR} spec needs a saved checkpoint there: transformers would take a missing folder for a hub repo id."""
+    for at, spec in (("main", config.main), ("guide", config.guide or {})):
+        folder = Path(spec["path"]) if "path" in spec else None
+        if folder is not None and not (folder / "config.json").is_file():
+            problem = "the folder has no config.json" if folder.is_dir() else "no such folder"
+            raise _Check(config._source).error(f"{at}.path", spec["path"], f"cannot load the checkpoint: {problem}; give a saved checkpoint "
+                                               "folder (config.json, *.safetensors, tokenizer files). vidtok never downloads: fetch one "
+                                               "first, e.g. `hf download llava-hf/llava-onevision-qwen2-0.5b-ov-hf --local-dir DIR`")
 
 
 def build_model(spec: dict, seed: int, dtype, device, vision_from=None):
@@ -310,7 +599,8 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
     from ..models import adapter_for
     from ..testbed.toy import build_tokenizer
 
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device))
+    device = resolve_device(config.device, f"device in {config._source}")
+    _check_checkpoints(config)
     dtype = getattr(torch, config.dtype)
     model = build_model(config.main, config.seed, dtype, device)
     if "path" in config.main:
@@ -334,8 +624,6 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
                 guide_model.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
         shared = adapter_for(model).same_vision_tower(adapter_for(guide_model))
     rows = expand_runs(config)
-    if any(r["guide"] == "assistant" for r in rows) and guide_model is None:
-        raise ValueError("a run uses guide 'assistant' but the config has no guide geometry")
     setup = {"model": model, "tokenizer": tokenizer, "guide_model": guide_model, "shared": shared, "device": device}
     report = {
         "config": asdict(config),

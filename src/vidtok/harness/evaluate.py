@@ -32,13 +32,15 @@ class EvalConfig:
     retentions: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5])
     layers: str | None = field(default=None, metadata={"help": "guide layers; None: calibrated or the default"})
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N samples only"})
-    seed: int = 0
-    guide_pool: int = field(default=1, metadata={"help": "guided runs: the guide sees frames pooled k x k"})
-    guide_stride: int = field(default=1, metadata={"help": "guided runs: the guide sees every k-th frame"})
-    layer: int = field(default=2, metadata={"help": "FastV's layer K"})
+    # None: not given (its default is filled in below); given for no configuration it shapes, refused
+    seed: int | None = field(default=None, metadata={"help": "method random: its seed (default 0)"})
+    guide_pool: int | None = field(default=None, metadata={"help": "guided runs: the guide sees frames pooled k x k (default 1)"})
+    guide_stride: int | None = field(default=None, metadata={"help": "guided runs: the guide sees every k-th frame (default 1)"})
+    layer: int | None = field(default=None, metadata={"help": "FastV's layer K (default 2)"})
 
     def __post_init__(self):
         from ..budget import check_retention
+        from ..compressors.options import check_options
 
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
@@ -55,6 +57,11 @@ class EvalConfig:
         if "inline" in self.guides and "fastv" not in self.methods:
             raise ValueError("the inline guide reads the main model's attention before FastV drops tokens: add fastv to the methods")
         check_layers_format(self.layers)
+        given = [name for name in ("layers", "seed", "guide_pool", "guide_stride", "layer") if getattr(self, name) is not None]
+        check_options(given, [(run[0], run[1]) for run in configurations(self)])
+        for name, value in (("seed", 0), ("guide_pool", 1), ("guide_stride", 1), ("layer", 2)):
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def check_layers_format(layers) -> None:
@@ -361,6 +368,7 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
                 log(f"recomputing {state.folder}: {stale[run]}")
             state.open(fresh=run in stale, log=log)
         try:
+            _forget_changed_videos(records, states, log)
             todo = [i for i in range(len(records)) if any(s.needs(i) for s in states.values())]
             sharing = {"videos": 0, "configurations": 0, "computed": {}, "saved_seconds": {}}
             for index in tqdm(todo, disable=not progress, desc="eval"):
@@ -383,7 +391,12 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
                 except ValueError as error:
                     log(f"{results} is damaged ({error}); rebuilt from predictions.jsonl")
             if isinstance(stored, dict) and _same_numbers(stored, summary):
-                summary = stored  # unchanged: kept as written (its finish time included)
+                if stored.get("split") == summary["split"]:
+                    summary = stored  # unchanged: kept as written (its finish time included)
+                else:  # the same split (its sha256 is in the identity) read from another path, e.g. a copy:
+                    # the numbers stand, so no warning, but the record names the path they now come from
+                    summary = {**summary, "finished": stored.get("finished", summary["finished"])}
+                    atomic_write_json(results, summary)
             else:
                 if isinstance(stored, dict) and not state.changed:
                     log(f"{results} did not match predictions.jsonl (an earlier run stopped before rewriting it); rebuilt from it")
@@ -405,10 +418,40 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
 
 
 def _same_numbers(stored: dict, summary: dict) -> bool:
-    """Whether a stored results.json says what the predictions say (its time and the command's
-    config aside: neither changes a number)."""
-    volatile = ("finished", "config")
+    """Whether a stored results.json says what the predictions say (its time, the command's config
+    and the split's path aside: none changes a number; the split's content is in the identity)."""
+    volatile = ("finished", "config", "split")
     return {k: v for k, v in stored.items() if k not in volatile} == {k: v for k, v in summary.items() if k not in volatile}
+
+
+def _forget_changed_videos(records, states, log) -> None:
+    """Drop the scored samples whose video file is no longer what they were scored on (replaced or
+    rewritten in place since), so that they are computed again: a result must never describe
+    another video than the split's. Each sample line holds its video's size, mtime and sha256; a
+    file with the same size and mtime is trusted, any other is hashed again (a copied split keeps
+    its results). Lines without that record (an earlier vidtok) are recomputed too."""
+    from ..video import file_identity
+
+    changed, unknown = [], 0
+    for index, record in enumerate(records):
+        rows = [state.rows[index] for state in states.values() if index in state.rows and "failed" not in state.rows[index]]
+        if not rows:
+            continue
+        stored = [row.get("video_file") for row in rows]
+        current = file_identity(record["video"], known=stored[0]) if stored[0] else None
+        if all(s and current and s["sha256"] == current["sha256"] for s in stored):
+            continue
+        if all(stored):
+            changed.append(index)
+        else:
+            unknown += 1
+        for state in states.values():
+            state.rows.pop(index, None)
+    if changed:
+        log(f"the video of {len(changed)} scored sample(s) changed since (e.g. sample {changed[0]}: {records[changed[0]]['video']}): "
+            "recomputing them")
+    if unknown:
+        log(f"{unknown} scored sample(s) predate video fingerprints: recomputing them")
 
 
 def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, generate, sharing=None) -> None:
@@ -417,8 +460,11 @@ def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, 
     whether VisionZip's signals are read), each guide pass runs once; `sharing` counts it."""
     from ..pipeline import VideoCache
 
+    from ..video import file_identity
+
     pending = [run for run, state in states.items() if state.needs(index)]
-    head = {"index": index, "id": record.get("id"), "question": record.get("question")}
+    # hashed before decoding: what was read is what the sample is scored on (read again on resume)
+    head = {"index": index, "id": record.get("id"), "question": record.get("question"), "video_file": file_identity(record["video"])}
     if "kind" in record:
         head["kind"] = record["kind"]
     try:

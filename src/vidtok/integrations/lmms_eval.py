@@ -70,16 +70,23 @@ class ModelArgs:
             raise ModelArgsError(f"batch_size {batch!r}: vidtok answers one video at a time; use --batch_size 1")
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         args = cls(**values)
-        args._check()
+        args._check(given=set(values))
         return args
 
-    def _check(self) -> None:
+    def _check(self, given=()) -> None:
+        from ..compressors.options import check_options
+
         def need(ok, message):
             if not ok:
                 raise ModelArgsError(message)
 
         need(self.method in METHODS, f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         need(self.guide is None or self.guide in GUIDES, f"guide={self.guide!r} is unknown; choose one of {', '.join(GUIDES)}")
+        guide = self.guide or ("none" if self.method == "full" else "assistant" if self.assistant else "self")  # as __init__ resolves it
+        try:  # the table run, eval and bench share: an option for a method it does not shape is refused
+            check_options(given, [(self.method, guide)], spell=lambda option: f"{option.name}=")
+        except ValueError as error:
+            raise ModelArgsError(str(error)) from None
         if self.retention is not None:
             try:
                 check_retention(self.retention)
@@ -95,11 +102,6 @@ class ModelArgs:
         need(self.cap is None or (isinstance(self.cap, int) and not isinstance(self.cap, bool) and self.cap >= 1),
              f"cap={self.cap!r} must be a positive integer")
         need(self.cap is None or self.floor <= self.cap, f"floor={self.floor} exceeds cap={self.cap}: a frame cannot keep more than its cap; lower floor= or raise cap=")
-        guide = self.guide or ("none" if self.method == "full" else "assistant" if self.assistant else "self")  # as __init__ resolves it
-        need(guide != "none" or (self.cap is None and not self.floor and self.guide_pool == 1 and self.guide_stride == 1),
-             "cap=, floor=, guide_pool= and guide_stride= shape DyToK's budgets: they need guide=self, assistant or inline")
-        need(guide != "inline" or (self.guide_pool == 1 and self.guide_stride == 1),
-             "guide_pool= and guide_stride= shape a separate guide pass; guide=inline reads the main prefill itself: drop them")
         if self.layers is not None:  # the format now; whether the layers exist once the guide is loaded
             try:
                 check_layers_format(self.layer_spec)
@@ -110,13 +112,10 @@ class ModelArgs:
         self._check_plan_log()
         need(isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 1, f"layer={self.layer!r} must be a positive integer (FastV's layer)")
         need(self.guide != "inline" or "fastv" in self.method, "guide=inline reads the main model's attention before FastV drops tokens: use method=fastv")
-        need(("+" in self.method) == (self.vision_retention is not None),
-             f"method={self.method} " + ("needs vision_retention=<the encoder's share>" if "+" in self.method else "takes no vision_retention= (only ENCODER+fastv does)"))
+        need("+" not in self.method or self.vision_retention is not None, f"method={self.method} needs vision_retention=<the encoder's share>")
         need(self.dtype in ("float32", "bfloat16", "float16"), f"dtype={self.dtype!r}; use float32, bfloat16 or float16")
         if self.guide == "assistant":
             need(self.assistant is not None, "guide=assistant needs assistant=<checkpoint folder> (an assistant of the same family)")
-        if self.assistant is not None and self.guide in ("none", "self"):
-            raise ModelArgsError(f"assistant= is given but guide={self.guide}; drop assistant= or use guide=assistant")
         if self.method == "full":
             need(self.guide in (None, "none"), "method=full keeps every token: drop guide= (there is nothing to guide)")
             need(self.retention in (None, 1, 1.0), "method=full keeps every token: drop retention=")

@@ -19,7 +19,7 @@ import torch
 
 from .._seam import observe_attention
 from ..compressors.base import FrameSignals
-from ..video import VideoError, check_frames, read_clip
+from ..video import VideoError, as_frames, check_frames, read_clip
 from .base import EncodedVideo, VideoAdapter, capture_last_token_attention
 from .mrope import layout_positions
 
@@ -159,7 +159,7 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         if isinstance(video, torch.Tensor) and video.is_floating_point():
             pixels = video
         else:
-            pixels = self._resize(np.asarray(video))
+            pixels = self._resize(as_frames(video))
         return self._checked(pixels, seconds, frames, times)
 
     def _read(self, path, frames, fps):

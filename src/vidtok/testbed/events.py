@@ -149,9 +149,15 @@ def make_event_sample(rng: np.random.Generator, kind: str, frames: int = 32, siz
 
 def event_samples(seed: int, count: int, kinds=KINDS, **kwargs):
     """`count` samples, `kinds` in turn (by default needle, order, count, change, majority, needle, ...)."""
+    kinds = tuple(kinds)
+    # refused now, before a caller writes anything; none at all would divide by zero below, and an
+    # empty item (`--kinds needle,,majority`) is a typo, not a question kind
+    if not kinds or "" in kinds:
+        problem = f"question kinds {','.join(map(str, kinds))!r} hold an empty kind (a doubled or trailing comma?)" if kinds else "no question kinds given"
+        raise ValueError(f"{problem}; give one or more of {', '.join(KINDS)}, comma-separated")
     unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:  # refused now, before a caller writes anything
-        raise ValueError(f"unknown question kinds {unknown or kinds!r}; choose from {', '.join(KINDS)}")
+    if unknown:
+        raise ValueError(f"unknown question kinds {unknown!r}; choose from {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
     return (make_event_sample(rng, kinds[i % len(kinds)], **kwargs) for i in range(count))
 
