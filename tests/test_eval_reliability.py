@@ -160,7 +160,8 @@ def _kill_when(command, env, path, lines):
     return process.returncode, stderr
 
 
-def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path):
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path, batch):
     split = tmp_path / "split"
     write_split(split, seed=98, count=8)  # room after the kill points, so a busy machine's late kill still lands mid-run
     guides = ["none", "assistant"]
@@ -170,7 +171,7 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(toy, tmp_path):
     )  # fmt: skip
     out = tmp_path / "eval"
     command = [sys.executable, "-m", "vidtok.cli", "eval", str(split), "--methods", "visionzip", "--guides", ",".join(guides),
-               "--retentions", "0.125", "--out", str(out), "--quiet"]  # fmt: skip
+               "--retentions", "0.125", "--out", str(out), "--quiet", "--batch-size", batch]  # fmt: skip
     first = out / "full-none-r1" / "predictions.jsonl"
     for lines in (1, 3):
         code, stderr = _kill_when(command, dict(os.environ), first, lines)

@@ -403,7 +403,7 @@ def test_dytok_retention_sets_what_fastv_keeps(model, tokenizer, pixels):
 def test_fastv_misuse_is_refused_before_any_work(model, tokenizer, pixels, monkeypatch):
     import vidtok.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_guide_weights", lambda *a, **k: pytest.fail("the guide ran"))
+    monkeypatch.setattr(pipeline, "_guide_pass", lambda *a, **k: pytest.fail("the guide ran"))
     with pytest.raises(ValueError, match="needs use_cache=True"):
         generate(model, tokenizer, pixels, Q, FastV(0.25, layer=1), use_cache=False)
     for method in (DyToK(FastV(0.25, layer=1), guide="inline", cap=2), DyToK(FastV(0.25, layer=1), guide="self", floor=5)):

@@ -34,10 +34,10 @@ def _env(tmp_path):
     return env
 
 
-def _lmms(tmp_path, launcher, model_args, out, extra_env=None, timeout=600):
+def _lmms(tmp_path, launcher, model_args, out, extra_env=None, timeout=600, batch=1):
     command = [
         *launcher, "--model", "vidtok", "--model_args", f"{model_args},plan_log={out / 'plans.jsonl'}",
-        "--tasks", "vidtok_synth", "--include_path", str(TASKS), "--batch_size", "1",
+        "--tasks", "vidtok_synth", "--include_path", str(TASKS), "--batch_size", str(batch),
         "--output_path", str(out), "--log_samples",
     ]  # fmt: skip
     env = _env(tmp_path) | (extra_env or {})
@@ -118,6 +118,15 @@ def test_single_process_equals_vidtok_eval_sample_by_sample(reference, tmp_path)
         assert row["token_counts"][0]["input_tokens"] > 32 and 1 <= row["token_counts"][0]["output_tokens"] <= 2
 
 
+def test_batch_size_four_answers_as_batch_size_one(reference, tmp_path):
+    out = tmp_path / "batched"
+    done = _lmms(tmp_path, [sys.executable, "-m", "lmms_eval"], ARGS, out, batch=4)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _check_against(reference, out, done)
+    plans = _plans(out)
+    assert sorted(p["doc_id"] for p in plans) == list(range(8)) and all(p["batch_size"] == 4 for p in plans)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,7 +198,7 @@ BAD = [
     ("method=fastvv", "method='fastvv' is unknown"),
     ("guide=assistant", "guide=assistant needs assistant="),
     ("frames=0", "frames=0 must be a positive integer"),
-    ("batch_size=4", "batch_size 4"),
+    ("batch_size=auto", "give --batch_size a whole number >= 1"),
     ("layers=1.5", "cannot read layers '1.5'"),
     ("layers=a", "cannot read layers 'a'"),
     ("layers=1-2-3", "cannot read layers '1-2-3'"),

@@ -74,27 +74,43 @@ def observe_attention(model, sub_configs: Sequence[str], observers: Mapping[obje
         model.set_attn_implementation({key: previous[key] for key in sub_configs})
 
 
-def _rows(value, keep: torch.Tensor, dim: int):
-    return value.index_select(dim, keep.to(value.device)) if torch.is_tensor(value) else value
+def _take(value, index: torch.Tensor, batch_dim: int, seq_dim: int):
+    """value's entries at index[b] along `seq_dim`, item by item along `batch_dim` (index [B, K];
+    a value with batch size 1 is shared by every item)."""
+    if not torch.is_tensor(value):
+        return value
+    index = index.to(value.device)
+    if value.shape[batch_dim] != index.shape[0]:
+        value = value.expand(*[index.shape[0] if d == batch_dim else -1 for d in range(value.ndim)])
+    view = [1] * value.ndim
+    view[batch_dim], view[seq_dim] = index.shape
+    size = list(value.shape)
+    size[seq_dim] = index.shape[1]
+    return value.gather(seq_dim, index.view(view).expand(size))
 
 
 def _cut(kwargs: dict, rows: torch.Tensor | None, columns: Callable[[int], torch.Tensor]) -> dict:
-    """A decoder layer's keyword inputs, computed by transformers once at full length, cut to the kept
-    tokens: query rows (positions, rotary tables; prefill only) and mask key columns (every step)."""
+    """A decoder layer's keyword inputs, computed by transformers once at full length, cut to each
+    item's kept tokens (rows, columns [B, K]): query rows (positions, rotary tables; prefill only)
+    and mask key columns (every step)."""
     out = dict(kwargs)
     mask = out.get("attention_mask")
     if torch.is_tensor(mask) and mask.ndim == 4:  # [B, 1, Q, K]; None means sdpa's own causal mask, right as it is
         if rows is not None:
-            mask = _rows(mask, rows, 2)
-        out["attention_mask"] = _rows(mask, columns(mask.shape[-1]), 3)
+            mask = _take(mask, rows, 0, 2)
+        out["attention_mask"] = _take(mask, columns(mask.shape[-1]), 0, 3)
+    elif torch.is_tensor(mask) and mask.ndim == 2 and rows is not None:  # a linear-attention layer's padding mask [B, S] (prefill)
+        out["attention_mask"] = _take(mask, rows, 0, 1)
     elif mask is not None:
         raise RuntimeError(f"cannot drop tokens under a {type(mask).__name__} attention mask of shape {getattr(mask, 'shape', None)}")
     if rows is not None:
-        if out.get("position_embeddings") is not None:
-            out["position_embeddings"] = tuple(_rows(t, rows, -2) for t in out["position_embeddings"])
-        for name in ("position_ids", "cache_position"):
-            if out.get(name) is not None:
-                out[name] = _rows(out[name], rows, -1)
+        if out.get("position_embeddings") is not None:  # cos, sin [..., B, S, d]
+            out["position_embeddings"] = tuple(_take(t, rows, t.ndim - 3, t.ndim - 2) for t in out["position_embeddings"])
+        if out.get("position_ids") is not None:  # [B, S] or [3, B, S]
+            ids = out["position_ids"]
+            out["position_ids"] = _take(ids, rows, ids.ndim - 2, ids.ndim - 1)
+        if out.get("cache_position") is not None:  # one for the batch; every item keeps as many tokens
+            out["cache_position"] = out["cache_position"][rows[0].to(out["cache_position"].device)]
     return out
 
 
@@ -110,7 +126,8 @@ def _unfilled(cache, index: int) -> bool:
 
 @contextmanager
 def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: int, choose: Callable[[], torch.Tensor]) -> Iterator[None]:
-    """Within the block, decoder layers `start`.. run on the prompt positions `choose()` returns only.
+    """Within the block, decoder layers `start`.. run on the prompt positions `choose()` returns only
+    ([B, K]: each item of the batch its own K positions, as many for every item).
 
     `choose()` runs once per prefill, when layer `start` is reached (earlier layers have run on every
     token, so their observers have fired). The hidden states are cut there; every later layer's mask,
@@ -123,8 +140,10 @@ def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: in
     state: dict = {"keep": None, "rows": None}
 
     def columns(mask_len: int) -> torch.Tensor:
-        # kept prompt positions, then every position generated after the prompt
-        return torch.cat([state["keep"], torch.arange(prompt_length, mask_len, device=state["keep"].device)])
+        # each item's kept prompt positions, then every position generated after the prompt
+        keep = state["keep"]
+        after = torch.arange(prompt_length, mask_len, device=keep.device).expand(keep.shape[0], -1)
+        return torch.cat([keep, after], dim=1)
 
     def first(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -136,10 +155,10 @@ def drop_tokens(layers: Sequence[torch.nn.Module], start: int, prompt_length: in
             if hidden.shape[1] != prompt_length:
                 raise RuntimeError(
                     f"FastV expects the {prompt_length}-token prompt in one forward, got {hidden.shape[1]} tokens; "
-                    "prefill the prepared inputs as they are, with the KV cache on (no chunked prefill, no use_cache=False, batch size 1)"
+                    "prefill the prepared inputs as they are, with the KV cache on (no chunked prefill, no use_cache=False)"
                 )
             state["keep"] = state["rows"] = choose().to(hidden.device)
-            hidden = hidden.index_select(1, state["keep"])
+            hidden = _take(hidden, state["keep"], 0, 1)
         elif state["keep"] is None:
             raise RuntimeError("a cache prefilled outside vidtok's FastV context reached it; prefill inside the context")
         else:

@@ -228,6 +228,7 @@ def cmd_eval(args) -> int:
         guide_pool=args.guide_pool,
         guide_stride=args.guide_stride,
         layer=args.layer,
+        batch_size=args.batch_size,
     )
     if args.assistant is not None:
         from .compressors.options import check_options
@@ -462,6 +463,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--guide-pool", type=_count, help="guided runs: the guide sees frames pooled k x k (default 1)")
     ev.add_argument("--guide-stride", type=_count, help="guided runs: the guide sees every k-th frame (default 1)")
     ev.add_argument("--layer", type=_count, help="FastV's layer (default 2)")
+    ev.add_argument("--batch-size", type=_count, default=1,
+                    help="records per generate() call (default 1); the results equal batch size 1's")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
     ev.add_argument("--overwrite", action="store_true",
                     help="recompute result folders made by a different evaluation (other split, limit, model, layers, ...) instead of refusing")

@@ -53,6 +53,10 @@ class Plan:
     unit: str = "frame"  # the unit of importance and budget: "frame" or "temporal_group" (Qwen-VL: 2 frames)
     # how the budget was split across units: "uniform" (no guide), "proportional" (DyToK) or "binary" (keyframe selection)
     allocation: str = "uniform"
+    # items prepared together; a stage run batched (guide, generate) charges each item its share of the batch's time
+    batch_size: int = 1
+    # several questions on one video in a batch: {"questions", "prefix_tokens" run once for all, "prompt_tokens" of this one}
+    guide_shared: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +69,7 @@ class Prepared:
     # `with prepared.apply(): model.generate(**prepared.inputs)`: LLM-side methods (FastV) drop tokens
     # inside it, hooks installed for the block only; for encoder-side methods it does nothing.
     apply: Callable = field(default=nullcontext, repr=False)
+    stage: object = field(default=None, repr=False)  # FastV's stage (None: nothing dropped inside the LLM), for a batched prefill
 
 
 @dataclass
@@ -73,6 +78,8 @@ class Result:
     plan: Plan
     sequences: torch.Tensor  # prompt + new tokens
     prompt_tokens: int = 0  # prompt length as the LLM saw it (compressed video included)
+    # [new tokens, vocab] raw logits of each generated token, with output_logits=True, return_dict_in_generate=True
+    logits: torch.Tensor | None = None
 
 
 class _Timer:
@@ -149,7 +156,10 @@ class VideoCache:
         before = timer.seconds.get(stage, 0.0)
         with timer(stage):
             value = compute()
-        self.entries[key] = (value, timer.seconds[stage] - before, owner)  # the owner (a model) pins its id
+        return self.put(key, stage, value, timer.seconds[stage] - before, owner)
+
+    def put(self, key: tuple, stage: str, value, seconds: float, owner):
+        self.entries[key] = (value, seconds, owner)  # the owner (a model) pins its id
         self.computed[stage] = self.computed.get(stage, 0) + 1
         return value
 
@@ -238,9 +248,10 @@ def _inline_layers(dytok: DyToK, fastv: FastV, adapter) -> list[int]:
 
 
 class _FastVStage:
-    """FastV for one prepared prompt: observers on the layers below K read the last token's attention
-    (the ranking at K-1; the inline prior's layers), and at layer K the kept tokens are chosen and
-    the rest dropped (_seam.drop_tokens). Fills the plan's LLM-side fields at each prefill."""
+    """FastV for one prepared prompt: the last token's attention below K (the ranking at K-1; the
+    inline prior's layers) is observed, and at layer K the kept tokens are chosen and the rest
+    dropped (_seam.drop_tokens). Fills the plan's LLM-side fields at each prefill. Several stages
+    run in one batched prefill through `_apply_fastv`."""
 
     def __init__(self, adapter, fastv, input_ids, lengths, encoder_kept, total, budgets, dytok, inline_layers, plan):
         self.adapter, self.fastv, self.plan = adapter, fastv, plan
@@ -249,24 +260,19 @@ class _FastVStage:
         self.dytok, self.inline_layers = dytok, inline_layers
         self.prompt_length = input_ids.shape[1]
         self.visual = adapter.visual_positions(input_ids)
+        self.layers = sorted({fastv.layer - 1, *(inline_layers or ())})
         self.captured: dict = {}
 
-    def _observer(self, layer: int):
-        rank = layer == self.fastv.layer - 1
-        prior = layer in (self.inline_layers or ())
-
-        def observe(module, query, key, scaling):
-            if query.shape[2] != self.prompt_length:  # a decoding step: the choice is made
-                return
-            visual = self.visual.to(query.device)
-            if rank:
-                self.captured["rank"] = _finite(last_token_attention_all_keys(query, key, visual, scaling)[0], "attention", self.adapter.model)
-            if prior:
-                self.captured[layer] = _finite(last_token_attention(query, key, visual, scaling)[0], "attention", self.adapter.model)
-
-        return observe
+    def observe(self, layer: int, query, key, scaling) -> None:
+        """This prompt's query and keys at `layer` (its own positions only: no padding)."""
+        visual = self.visual.to(query.device)
+        if layer == self.fastv.layer - 1:
+            self.captured["rank"] = _finite(last_token_attention_all_keys(query, key, visual, scaling)[0], "attention", self.adapter.model)
+        if layer in (self.inline_layers or ()):
+            self.captured[layer] = _finite(last_token_attention(query, key, visual, scaling)[0], "attention", self.adapter.model)
 
     def choose(self) -> torch.Tensor:
+        """The prompt positions kept from layer K on (the prompt's own positions, ascending)."""
         scores = self.captured.pop("rank", None)
         if scores is None:
             raise RuntimeError(f"FastV's ranking layer {self.fastv.layer - 1} was never observed: its attention could not be captured")
@@ -286,14 +292,39 @@ class _FastVStage:
         keep[self.visual.cpu()[chosen]] = True
         return keep.nonzero().squeeze(1)
 
-    @contextmanager
     def apply(self):
-        layers = sorted({self.fastv.layer - 1, *(self.inline_layers or ())})
-        observers = {self.adapter.decoder_layers[layer].self_attn: self._observer(layer) for layer in layers}
-        with observe_attention(self.adapter.model, ["text_config"], observers), drop_tokens(
-            self.adapter.decoder_layers, self.fastv.layer, self.prompt_length, self.choose
-        ):
-            yield
+        return _apply_fastv([self], [0])
+
+
+@contextmanager
+def _apply_fastv(stages: list[_FastVStage], pads: list[int]):
+    """FastV over a left-padded batch of prompts (`pads[b]` pads before prompt b): each stage sees
+    its own query and keys, pads cut off, and keeps its own tokens; an item's pads are kept (and
+    stay masked), so every item keeps as many positions when each drops as many tokens."""
+    first = stages[0]
+    length = first.prompt_length + pads[0]
+
+    def observer(layer):
+        def observe(module, query, key, scaling, **_):
+            if query.shape[2] != length:  # a decoding step: the choice is made
+                return
+            for b, (stage, pad) in enumerate(zip(stages, pads)):
+                if layer in stage.layers:
+                    stage.observe(layer, query[b : b + 1, :, pad:], key[b : b + 1, :, pad:], scaling)
+
+        return observe
+
+    def choose() -> torch.Tensor:
+        keeps = [torch.cat([torch.arange(pad), stage.choose() + pad]) for stage, pad in zip(stages, pads)]
+        if len({len(k) for k in keeps}) != 1:
+            raise RuntimeError(f"FastV items of one batch keep {sorted({len(k) for k in keeps})} positions; they must drop as many tokens each")
+        return torch.stack(keeps)
+
+    observers = {first.adapter.decoder_layers[layer].self_attn: observer(layer) for layer in first.layers}
+    with observe_attention(first.adapter.model, ["text_config"], observers), drop_tokens(
+        first.adapter.decoder_layers, first.fastv.layer, length, choose
+    ):
+        yield
 
 
 def _guide_adapter(dytok: DyToK, adapter):
@@ -325,12 +356,30 @@ def _same_tower(dytok, main, guide) -> bool:
     return entry[2]
 
 
-def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, encoded, timer, cache=None) -> torch.Tensor:
-    """Frame weights [F] from the guide's last-token attention on the uncompressed prompt."""
+@dataclass
+class _GuidePass:
+    """One item's guide pass: its prompt (ids, embeds, the view the guide sees) until the batched
+    pass fills `weights`, or the weights a VideoCache already held."""
+
+    key: tuple
+    cache: VideoCache | None
+    timer: _Timer
+    weights: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+    view: object = None
+    units: int = 0
+    frames: int = 0
+    shared: dict | None = None  # several questions on one video: the prefix they shared
+
+
+def _guide_pass(dytok, guide, main, layers, tokenizer, question, pixels, encoded, timer, cache=None) -> _GuidePass:
+    """What the guide's last-token attention on one uncompressed prompt needs (its own vision pass,
+    for an assistant, runs here), or the frame weights the cache holds."""
     # id(encoded): the main model's encoding this pass reads (its own, or its blocks' output), pinned by the cache
     key = ("weights", id(guide.model), tuple(layers), dytok.guide_pool, dytok.guide_stride, dytok.share_vision, question, id(encoded))
     if cache is not None and cache.has(key, guide.model):
-        return cache.fetch(key, "guide", timer, None, guide.model)
+        return _GuidePass(key, cache, timer, weights=cache.fetch(key, "guide", timer, None, guide.model))
     frames = encoded.features.shape[0]
     if guide is not main:  # an assistant sees the frames through its own vision tower...
         shared = dytok.share_vision and _same_tower(dytok, main, guide)
@@ -338,12 +387,10 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         encoded = _fetch(cache, ("guide_vision", id(guide.model), shared, id(source)), "guide_vision", timer,
                          lambda: _finite_video(guide.project(source.vision_hidden, source) if shared else guide.encode_video(pixels), guide.model),
                          guide.model)
-
     stride = dytok.guide_stride
     if stride > 1 and stride >= frames:
         raise ValueError(f"guide_stride {stride} leaves the guide 1 of the video's {frames} {guide.unit}s; use a stride below {frames}")
-
-    def attend() -> torch.Tensor:
+    with timer("guide"):
         view, view_pixels = (encoded, pixels) if stride == 1 else guide.subsample_units(encoded, pixels, stride)
         features = view.features
         if dytok.guide_pool > 1:
@@ -352,10 +399,42 @@ def _guide_weights(dytok, guide, main, layers, tokenizer, question, pixels, enco
         ids = guide.prompt_ids(tokenizer, question, [features.shape[1]] * units, view_pixels)
         _check_length(guide, ids, "guide")
         embeds = torch.cat([features.flatten(0, 1), view.newline])
-        weights = frame_weights(_finite(guide.token_attention(ids, embeds, layers, view), "attention", guide.model), units)
-        return weights if stride == 1 else spread_weights(weights, stride, frames)
+    return _GuidePass(key, cache, timer, ids=ids, embeds=embeds, view=view, units=units, frames=frames)
 
-    return _fetch(cache, key, "guide", timer, attend, guide.model)
+
+def _run_guide(dytok, guide, layers, passes: list[_GuidePass], pad_id) -> None:
+    """The guide passes not served by a cache, in one left-padded forward; each item is charged its
+    share of the batch's time."""
+    todo = [p for p in passes if p.weights is None]
+    if not todo:
+        return
+    # the questions on one video seen the same way (the cache key but the question) share the video's prefix
+    groups: dict = {}
+    for p in todo:
+        groups.setdefault(p.key[:6] + p.key[7:], []).append(p)
+    sync = device_sync(guide.device) or (lambda: None)
+    sync()
+    start = time.perf_counter()
+    alone, attention = [], {}
+    for group in groups.values():
+        shared = guide.token_attention_shared([(p.ids, p.embeds, p.view) for p in group], layers) if len(group) > 1 else None
+        if shared is None:
+            alone += group
+            continue
+        for p, scores in zip(group, shared[0]):
+            attention[id(p)] = scores
+            p.shared = {"questions": len(group), "prefix_tokens": shared[1], "prompt_tokens": int(p.ids.shape[1])}
+    if alone:
+        for p, scores in zip(alone, guide.token_attention_batch([(p.ids, p.embeds, p.view) for p in alone], layers, pad_id)):
+            attention[id(p)] = scores
+    sync()
+    share = (time.perf_counter() - start) / len(todo)
+    for p, scores in ((p, attention[id(p)]) for p in todo):
+        weights = frame_weights(_finite(scores, "attention", guide.model), p.units)
+        p.weights = weights if dytok.guide_stride == 1 else spread_weights(weights, dytok.guide_stride, p.frames)
+        p.timer.seconds["guide"] = p.timer.seconds.get("guide", 0.0) + share
+        if p.cache is not None:
+            p.cache.put(p.key, "guide", p.weights, p.timer.seconds["guide"], guide.model)
 
 
 def _check_question(tokenizer, question: str) -> None:
@@ -385,10 +464,51 @@ def _check_length(adapter, input_ids: torch.Tensor, who: str) -> None:
         )
 
 
+def _pad_id(tokenizer) -> int | None:
+    """The id that left-pads a batch: the tokenizer's pad token, else its end-of-sequence token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+
+
+def _as_batch(video, question, cache) -> tuple[list, list[str], list, bool]:
+    """(videos, questions, caches, batched). A list of questions is a batch: with a list of as many
+    videos, or one video they all ask about (decoded and encoded once). One question string is one
+    call; `video` is then one video, whatever its type (a list of frames included)."""
+    if isinstance(question, str):
+        if isinstance(video, (list, tuple)) and video and all(isinstance(v, (str, os.PathLike)) for v in video):
+            raise ValueError(f"{len(video)} videos with one question string: pass a list of questions, one per video "
+                             "(e.g. [question] * len(videos))")
+        return [video], [question], [cache], False
+    if not isinstance(question, (list, tuple)):
+        raise TypeError(f"question must be a string, or a list of strings for a batch, got {type(question).__name__}")
+    if not question:
+        raise ValueError("an empty batch: give at least one question")
+    if isinstance(video, (list, tuple)) and not (video and all(_is_frame_array(v) for v in video) and len(video) != len(question)):
+        videos = list(video)
+        if len(videos) != len(question):
+            raise ValueError(f"{len(videos)} videos for {len(question)} questions: give one video per question, "
+                             "or one video that every question asks about")
+    else:
+        videos = [video] * len(question)
+    if cache is not None and not isinstance(cache, (list, tuple)):
+        caches = [cache] * len(question)
+    else:
+        caches = list(cache) if cache is not None else [None] * len(question)
+        if len(caches) != len(question):
+            raise ValueError(f"{len(caches)} caches for {len(question)} questions: give one per item, one for all, or None")
+    return videos, list(question), caches, True
+
+
+def _is_frame_array(value) -> bool:
+    """An RGB frame [H, W, 3] (an item of a list of frames), as opposed to a video."""
+    shape = getattr(value, "shape", None)
+    return shape is not None and len(shape) == 3
+
+
 @torch.no_grad()
-def prepare(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, fps: float | None = None,
-            cache: VideoCache | None = None) -> Prepared:
-    """Encode, (guide,) compress and build the model inputs for one video and question.
+def prepare(model, tokenizer, video, question, method=None, *, frames: int | None = None, fps: float | None = None,
+            cache: VideoCache | None = None):
+    """Encode, (guide,) compress and build the model inputs for one video and question, or a batch.
 
     `method`: None or Full() for no compression, a base compressor (same budget every unit),
     or DyToK(base, ...). `frames` (a fixed count) or `fps` (per second of video) choose the
@@ -396,40 +516,34 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
     inside `with prepared.apply():`. The model is left exactly as it was, also when this raises.
     `cache` (a VideoCache of this video) shares the vision encoder's output and guide passes
     between calls on the same video: the result is the same as without it.
+
+    A batch: `question` a list, `video` a list of as many videos or one video for all; returns one
+    Prepared per item, in order. The same video object (or path) is decoded and encoded once, and
+    the guide passes of all items run in one left-padded forward.
     """
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question must be a non-empty string")
-    if cache is not None:
-        if not isinstance(cache, VideoCache):
+    videos, questions, caches, batched = _as_batch(video, question, cache)
+    prepared = _prepare(model, tokenizer, videos, questions, method, frames, fps, caches)
+    return prepared if batched else prepared[0]
+
+
+def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -> list[Prepared]:
+    """The pipeline's stages over a batch (a single call is a batch of one): checks, decode and
+    encode (per distinct video), guide (one batched pass), allocate, compress and build inputs."""
+    for question in questions:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question must be a non-empty string")
+    for cache in caches:
+        if cache is not None and not isinstance(cache, VideoCache):
             raise TypeError(f"cache must be a vidtok.VideoCache of this video (cache=VideoCache(video)) or None, got {type(cache).__name__}")
-        cache.bind(video, frames, fps)
-    _check_question(tokenizer, question)
+    for question in dict.fromkeys(questions):
+        _check_question(tokenizer, question)
     base, dytok = _describe(method)
     encoder, fastv = _stages(base)
     adapter = adapter_for(model)
-    seconds: dict[str, float] = {}
-    timer = _Timer(seconds, device_sync(adapter.device))
-    with timer("decode"):
-        pixels = adapter.pixels(video, frames, fps)
-    num_frames, per_frame = adapter.video_shape(pixels)
-    retention = dytok.retention if dytok else base.retention
-    if fastv is None:
-        vision_budget = total_budget(retention, num_frames, per_frame)
-    else:
+    sync = device_sync(adapter.device)
+    if fastv is not None:
         adapter.check_fastv_layer(fastv.layer)
-        vision_budget = total_budget(encoder.retention, num_frames, per_frame)
-    # FastV alone: the share kept from layer K is the method's retention (DyToK's, which defaults to FastV's own)
-    llm_share = None if fastv is None else fastv.retention if isinstance(base, Composed) else retention
-    llm_budget = vision_budget if fastv is None else total_budget(llm_share, 1, vision_budget)
-    dropping = llm_budget < vision_budget
-    compressing = vision_budget < num_frames * per_frame
     inline = dytok is not None and dytok.guide_name == "inline"
-    if dytok is not None:  # an impossible cap or floor is refused now, not after the guide pass or inside the prefill
-        if compressing:
-            dytok.budgets([1.0] * num_frames, vision_budget, per_frame)
-        if dropping:
-            even = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
-            dytok.budgets([1.0] * num_frames, llm_budget, per_frame, available=even)
     guide, layers = None, None
     if inline:
         layers = _inline_layers(dytok, fastv, adapter)
@@ -437,13 +551,64 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         guide = _guide_adapter(dytok, adapter)
         layers = guide.guide_layers(dytok.layers)
 
-    signals = compressing and encoder.needs_vision_signals
-    encoded = _fetch(cache, ("vision", id(model), signals), "vision", timer, lambda: _finite_video(adapter.encode_video(pixels, signals=signals), model), model)
-    features, newline = encoded.features, encoded.newline
+    # the same video object (or path) in several items: decoded once, its work shared through one cache
+    shared: dict = {}
+    items = []
+    for video, question, cache in zip(videos, questions, caches):
+        source = os.path.realpath(os.fspath(video)) if isinstance(video, (str, os.PathLike)) else id(video)
+        if cache is None and len(videos) > 1:
+            cache = shared.setdefault(("cache", source), VideoCache(video))
+        if cache is not None:
+            cache.bind(video, frames, fps)
+        seconds: dict[str, float] = {}
+        timer = _Timer(seconds, sync)
+        if ("pixels", source) in shared:
+            pixels = shared[("pixels", source)]
+        else:
+            with timer("decode"):
+                pixels = shared[("pixels", source)] = adapter.pixels(video, frames, fps)
+        items.append({"question": question, "cache": cache, "seconds": seconds, "timer": timer, "pixels": pixels})
 
-    weights = None
-    if dytok is not None and not inline and (compressing or dropping):
-        weights = _guide_weights(dytok, guide, adapter, layers, tokenizer, question, pixels, encoded, timer, cache)
+    for item in items:  # budgets, refused now if impossible, not after the guide pass or inside the prefill
+        num_frames, per_frame = adapter.video_shape(item["pixels"])
+        retention = dytok.retention if dytok else base.retention
+        vision_budget = total_budget(retention if fastv is None else encoder.retention, num_frames, per_frame)
+        # FastV alone: the share kept from layer K is the method's retention (DyToK's, which defaults to FastV's own)
+        llm_share = None if fastv is None else fastv.retention if isinstance(base, Composed) else retention
+        llm_budget = vision_budget if fastv is None else total_budget(llm_share, 1, vision_budget)
+        item.update(units=num_frames, per_unit=per_frame, retention=retention, vision_budget=vision_budget, llm_budget=llm_budget,
+                    dropping=llm_budget < vision_budget, compressing=vision_budget < num_frames * per_frame)
+        if dytok is not None:
+            if item["compressing"]:
+                dytok.budgets([1.0] * num_frames, vision_budget, per_frame)
+            if item["dropping"]:
+                even = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
+                dytok.budgets([1.0] * num_frames, llm_budget, per_frame, available=even)
+
+    for item in items:
+        signals = item["compressing"] and encoder.needs_vision_signals
+        pixels = item["pixels"]
+        item["encoded"] = _fetch(item["cache"], ("vision", id(model), signals), "vision", item["timer"],
+                                 lambda: _finite_video(adapter.encode_video(pixels, signals=signals), model), model)
+
+    passes = {}
+    for n, item in enumerate(items):
+        if dytok is not None and not inline and (item["compressing"] or item["dropping"]):
+            passes[n] = _guide_pass(dytok, guide, adapter, layers, tokenizer, item["question"], item["pixels"], item["encoded"],
+                                    item["timer"], item["cache"])
+    if passes:
+        _run_guide(dytok, guide, layers, list(passes.values()), _pad_id(tokenizer))
+    return [_finish(item, passes.get(n), adapter, tokenizer, base, dytok, encoder, fastv, inline, layers, len(items))
+            for n, item in enumerate(items)]
+
+
+def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, inline, layers, batch) -> Prepared:
+    """Allocate, compress and build one item's inputs and plan."""
+    encoded, timer = item["encoded"], item["timer"]
+    features, newline = encoded.features, encoded.newline
+    num_frames, per_frame = item["units"], item["per_unit"]
+    vision_budget, llm_budget, compressing, dropping = item["vision_budget"], item["llm_budget"], item["compressing"], item["dropping"]
+    weights = None if guide_pass is None else guide_pass.weights
     if weights is not None and compressing:
         vision_budgets = dytok.budgets(weights.tolist(), vision_budget, per_frame)
     else:  # static, or nothing dropped before the LLM (FastV alone): DyToK's cap and floor shape FastV's split only
@@ -459,14 +624,14 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
             tokens, kept = features.flatten(0, 1), [list(range(per_frame)) for _ in range(num_frames)]
             companions = [c.flatten(0, 1) for c in encoded.companions]
         video_embeds = torch.cat([tokens, newline])
-        input_ids = adapter.prompt_ids(tokenizer, question, [len(k) for k in kept], pixels)
+        input_ids = adapter.prompt_ids(tokenizer, item["question"], [len(k) for k in kept], item["pixels"])
         _check_length(adapter, input_ids, "model")
         inputs = adapter.model_inputs(input_ids, video_embeds, encoded, kept, companions)
 
     plan = Plan(
         method=base.label,
         guide=dytok.guide_name if dytok else None,
-        retention=float(retention),
+        retention=float(item["retention"]),
         frames=num_frames,
         tokens_per_frame=per_frame,
         total_budget=llm_budget,
@@ -476,11 +641,13 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
         kept=kept,
         visual_tokens_in=num_frames * per_frame,
         visual_tokens_kept=int(tokens.shape[0]),
-        seconds=seconds,
+        seconds=item["seconds"],
         vision_retention=vision_budget / (num_frames * per_frame),
         flops_retention=vision_budget / (num_frames * per_frame),
         unit=adapter.unit,
         allocation=dytok.allocation if dytok else "uniform",
+        batch_size=batch,
+        guide_shared=None if guide_pass is None else guide_pass.shared,
     )
     apply = nullcontext
     if fastv is not None:
@@ -498,35 +665,77 @@ def prepare(model, tokenizer, video, question: str, method=None, *, frames: int 
             plan.budgets, plan.kept, plan.visual_tokens_kept = budgets, None, None
             stage = _FastVStage(adapter, fastv, input_ids, lengths, kept, llm_budget, budgets, dytok, layers if inline else None, plan)
             apply = stage.apply
-    return Prepared(inputs=inputs, plan=plan, apply=apply)
+    return Prepared(inputs=inputs, plan=plan, apply=apply, stage=stage if fastv is not None and dropping else None)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, video, question: str, method=None, *, frames: int | None = None, fps: float | None = None,
-             cache: VideoCache | None = None, **generate_kwargs) -> Result:
+def generate(model, tokenizer, video, question, method=None, *, frames: int | None = None, fps: float | None = None,
+             cache: VideoCache | None = None, **generate_kwargs):
     """Answer `question` about `video` with `method` (see `prepare`); `generate_kwargs` go to model.generate.
 
-    Batch size 1: one video, one question.
+    A batch (`question` a list; `video` a list of as many videos, or one video for all) returns one
+    Result per item, in order, equal to answering them one at a time: the prompts are left-padded
+    into one generate() call (FastV items grouped by what they drop, so that each group keeps as
+    many positions per item).
     """
-    prepared = prepare(model, tokenizer, video, question, method, frames=frames, fps=fps, cache=cache)
-    if prepared.plan.layer is not None and generate_kwargs.get("use_cache") is False:
+    videos, questions, caches, batched = _as_batch(video, question, cache)
+    prepared = _prepare(model, tokenizer, videos, questions, method, frames, fps, caches)
+    if prepared[0].plan.layer is not None and generate_kwargs.get("use_cache") is False:
         raise ValueError("FastV drops tokens from the KV cache of its layers: it needs use_cache=True (generate's default); drop use_cache=False")
     generate_kwargs.setdefault("max_new_tokens", 32)
-    from transformers import LogitsProcessorList
-
-    generate_kwargs["logits_processor"] = LogitsProcessorList([*(generate_kwargs.get("logits_processor") or []), _FiniteLogits(model)])
-    prompt_length = prepared.inputs["input_ids"].shape[1]
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if limit and isinstance(generate_kwargs["max_new_tokens"], int) and prompt_length + generate_kwargs["max_new_tokens"] > limit:
+    longest = max(p.inputs["input_ids"].shape[1] for p in prepared)
+    if limit and isinstance(generate_kwargs["max_new_tokens"], int) and longest + generate_kwargs["max_new_tokens"] > limit:
         warnings.warn(
-            f"prompt ({prompt_length} tokens) + max_new_tokens ({generate_kwargs['max_new_tokens']}) passes the model's position "
+            f"prompt ({longest} tokens) + max_new_tokens ({generate_kwargs['max_new_tokens']}) passes the model's position "
             f"limit of {limit}: tokens past it are out of the model's trained range",
             stacklevel=2,
         )
-    with prepared.apply(), _Timer(prepared.plan.seconds, device_sync(prepared.inputs["input_ids"].device))("generate"):
-        sequences = model.generate(**prepared.inputs, **generate_kwargs)
-    text = tokenizer.decode(sequences[0, prompt_length:], skip_special_tokens=True).strip()
-    return Result(text=text, plan=prepared.plan, sequences=sequences, prompt_tokens=prompt_length)
+    from transformers import LogitsProcessorList
+
+    generate_kwargs["logits_processor"] = LogitsProcessorList([*(generate_kwargs.get("logits_processor") or []), _FiniteLogits(model)])
+    groups: dict = {}
+    for n, p in enumerate(prepared):  # FastV: items that drop as many tokens share a prefill; the others share one anyway
+        stage = p.stage
+        groups.setdefault(None if stage is None else sum(stage.lengths) - stage.total, []).append(n)  # tokens dropped
+    results: list = [None] * len(prepared)
+    for members in groups.values():
+        for n, result in zip(members, _generate_batch(model, tokenizer, [prepared[n] for n in members], generate_kwargs)):
+            results[n] = result
+    return results if batched else results[0]
+
+
+def _generate_batch(model, tokenizer, prepared: list[Prepared], generate_kwargs) -> list[Result]:
+    adapter = adapter_for(model)
+    inputs, pads = adapter.batch_inputs([p.inputs for p in prepared], _pad_id(tokenizer))
+    stages = [p.stage for p in prepared]
+    apply = nullcontext() if stages[0] is None else _apply_fastv(stages, pads)
+    kwargs = dict(generate_kwargs)
+    if len(prepared) > 1 and kwargs.get("pad_token_id") is None and model.generation_config.pad_token_id is None:
+        kwargs["pad_token_id"] = _pad_id(tokenizer)
+    sync = device_sync(inputs["input_ids"].device) or (lambda: None)
+    with apply:
+        sync()
+        start = time.perf_counter()
+        out = model.generate(**inputs, **kwargs)
+        sync()
+    sequences, step_logits = (out, None) if torch.is_tensor(out) else (out.sequences, getattr(out, "logits", None))
+    share = (time.perf_counter() - start) / len(prepared)
+    width = inputs["input_ids"].shape[1]
+    eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    results = []
+    for b, (p, row) in enumerate(zip(prepared, sequences)):
+        new = row[width:].tolist()
+        ends = [i for i, token in enumerate(new) if token in eos]
+        new = new[: ends[0] + 1] if ends else new  # a batch pads an item that ended early; alone it would have stopped there
+        prompt = p.inputs["input_ids"][0]
+        p.plan.seconds["generate"] = p.plan.seconds.get("generate", 0.0) + share
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        full = torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype, device=prompt.device)])[None]
+        logits = None if step_logits is None else torch.stack([step[b] for step in step_logits[: len(new)]])
+        results.append(Result(text=text, plan=p.plan, sequences=full, prompt_tokens=prompt.shape[0], logits=logits))
+    return results
 
 
 def fastv_retention_for_flops(model, tokenizer, question: str, video, layer: int, share: float, *, frames: int | None = None) -> float:

@@ -37,11 +37,15 @@ class EvalConfig:
     guide_pool: int | None = field(default=None, metadata={"help": "guided runs: the guide sees frames pooled k x k (default 1)"})
     guide_stride: int | None = field(default=None, metadata={"help": "guided runs: the guide sees every k-th frame (default 1)"})
     layer: int | None = field(default=None, metadata={"help": "FastV's layer K (default 2)"})
+    # not part of a result's identity: a batch answers as its items would one at a time
+    batch_size: int = field(default=1, metadata={"help": "records answered per generate() call"})
 
     def __post_init__(self):
         from ..budget import check_retention
         from ..compressors.options import check_options
 
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"limit must be a positive int or None, got {self.limit!r}")
         from ..compressors import GUIDES, METHODS
@@ -371,8 +375,11 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
             _forget_changed_videos(records, states, log)
             todo = [i for i in range(len(records)) if any(s.needs(i) for s in states.values())]
             sharing = {"videos": 0, "configurations": 0, "computed": {}, "saved_seconds": {}}
-            for index in tqdm(todo, disable=not progress, desc="eval"):
-                _evaluate_record(index, records[index], states, methods, adapter, model, tokenizer, generate, sharing)
+            size = config.batch_size
+            with tqdm(total=len(todo), disable=not progress, desc="eval") as bar:
+                for start in range(0, len(todo), size):  # a kill costs at most the batch in flight
+                    _evaluate_records(todo[start : start + size], records, states, methods, adapter, model, tokenizer, generate, sharing)
+                    bar.update(len(todo[start : start + size]))
         finally:
             for state in states.values():
                 state.log.close()
@@ -454,63 +461,88 @@ def _forget_changed_videos(records, states, log) -> None:
         log(f"{unknown} scored sample(s) predate video fingerprints: recomputing them")
 
 
-def _evaluate_record(index, record, states, methods, adapter, model, tokenizer, generate, sharing=None) -> None:
-    """Every pending configuration on one record; a failure is recorded, never raised. The
-    configurations share one VideoCache: the video is encoded once per vision tower (and per
-    whether VisionZip's signals are read), each guide pass runs once; `sharing` counts it."""
+def _evaluate_records(indices, records, states, methods, adapter, model, tokenizer, generate, sharing=None) -> None:
+    """Every pending configuration on a batch of records (one generate() call per configuration); a
+    failure is recorded, never raised, and only for its own record: a batch that raises is run again
+    one record at a time. Each record's configurations share one VideoCache: the video is encoded
+    once per vision tower (and per whether VisionZip's signals are read), each guide pass runs once;
+    `sharing` counts it."""
     from ..pipeline import VideoCache
-
     from ..video import file_identity
 
-    pending = [run for run, state in states.items() if state.needs(index)]
-    # hashed before decoding: what was read is what the sample is scored on (read again on resume)
-    head = {"index": index, "id": record.get("id"), "question": record.get("question"), "video_file": file_identity(record["video"])}
-    if "kind" in record:
-        head["kind"] = record["kind"]
-    try:
-        pixels = adapter.pixels(record["video"], record.get("frames"))
-        problem = _record_problem(record, pixels.shape[0], adapter.video_shape(pixels)[1])
-    except ValueError as error:  # VideoError included: unreadable, too short, impossible frame count
-        problem = str(error)
-    if problem:
-        for run in pending:
-            states[run].add({**head, "failed": problem})
-        return
-    cache = VideoCache(pixels)
-    for run in pending:
+    ready = {}
+    for index in indices:
+        record = records[index]
+        # hashed before decoding: what was read is what the sample is scored on (read again on resume)
+        head = {"index": index, "id": record.get("id"), "question": record.get("question"), "video_file": file_identity(record["video"])}
+        if "kind" in record:
+            head["kind"] = record["kind"]
         try:
-            result = generate(model, tokenizer, pixels, record["question"], methods[run], cache=cache, **EVAL_GENERATION)
-        except ValueError as error:  # this record's question or video cannot be answered with this method
-            states[run].add({**head, "failed": str(error)})
+            pixels = adapter.pixels(record["video"], record.get("frames"))
+            problem = _record_problem(record, pixels.shape[0], adapter.video_shape(pixels)[1])
+        except ValueError as error:  # VideoError included: unreadable, too short, impossible frame count
+            problem = str(error)
+        pending = [run for run, state in states.items() if state.needs(index)]
+        if problem:
+            for run in pending:
+                states[run].add({**head, "failed": problem})
             continue
-        plan = result.plan
-        words = result.text.split()
-        prediction = words[0] if words else ""
-        unit = record["needle_frame"] // adapter.frames_per_unit if "needle_frame" in record else None  # Qwen-VL: a frame pair
-        survived = record["needle_token"] in plan.kept[unit] if unit is not None else None
-        evidence = {(f // adapter.frames_per_unit, t) for f, t in record.get("evidence") or []}
-        evidence_kept = sum(t in plan.kept[u] for u, t in evidence) / len(evidence) if evidence else None
-        states[run].add(
-            {
-                **head,
-                "answer": record["answer"],
-                "prediction": prediction,
-                "correct": prediction == record["answer"],
-                "needle_kept": survived,
-                "evidence_kept": evidence_kept,
-                "budgets": plan.budgets,
-                "frame_weights": plan.frame_weights,
-                "kept_tokens": plan.visual_tokens_kept,
-                "seconds": plan.seconds,
-            }
-        )
+        ready[index] = (head, pixels, VideoCache(pixels), pending)
+
+    for run, state in states.items():
+        batch = [index for index, (_, _, _, pending) in ready.items() if run in pending]
+        if not batch:
+            continue
+
+        def answer(members):
+            return generate(model, tokenizer, [ready[i][1] for i in members], [records[i]["question"] for i in members], methods[run],
+                            cache=[ready[i][2] for i in members], **EVAL_GENERATION)
+
+        try:
+            outcomes = answer(batch)
+        except ValueError:  # some record of the batch cannot be answered with this method: find it, keep the others
+            outcomes = []
+            for index in batch:
+                try:
+                    outcomes += answer([index])
+                except ValueError as error:
+                    outcomes.append(error)
+        for index, outcome in zip(batch, outcomes):
+            head = ready[index][0]
+            state.add({**head, "failed": str(outcome)} if isinstance(outcome, Exception) else
+                      _scored(head, records[index], outcome, adapter.frames_per_unit))
+
     if sharing is not None:
-        sharing["videos"] += 1
-        sharing["configurations"] += len(pending)
-        for stage, n in cache.computed.items():
-            sharing["computed"][stage] = sharing["computed"].get(stage, 0) + n
-        for stage, seconds in cache.saved.items():
-            sharing["saved_seconds"][stage] = sharing["saved_seconds"].get(stage, 0.0) + seconds
+        for _, _, cache, pending in ready.values():
+            sharing["videos"] += 1
+            sharing["configurations"] += len(pending)
+            for stage, n in cache.computed.items():
+                sharing["computed"][stage] = sharing["computed"].get(stage, 0) + n
+            for stage, seconds in cache.saved.items():
+                sharing["saved_seconds"][stage] = sharing["saved_seconds"].get(stage, 0.0) + seconds
+
+
+def _scored(head: dict, record: dict, result, frames_per_unit: int) -> dict:
+    """A sample's line: its prediction scored against the record, and what the plan kept."""
+    plan = result.plan
+    words = result.text.split()
+    prediction = words[0] if words else ""
+    unit = record["needle_frame"] // frames_per_unit if "needle_frame" in record else None  # Qwen-VL: a frame pair
+    survived = record["needle_token"] in plan.kept[unit] if unit is not None else None
+    evidence = {(f // frames_per_unit, t) for f, t in record.get("evidence") or []}
+    evidence_kept = sum(t in plan.kept[u] for u, t in evidence) / len(evidence) if evidence else None
+    return {
+        **head,
+        "answer": record["answer"],
+        "prediction": prediction,
+        "correct": prediction == record["answer"],
+        "needle_kept": survived,
+        "evidence_kept": evidence_kept,
+        "budgets": plan.budgets,
+        "frame_weights": plan.frame_weights,
+        "kept_tokens": plan.visual_tokens_kept,
+        "seconds": plan.seconds,
+    }
 
 
 def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict:

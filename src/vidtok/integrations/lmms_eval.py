@@ -60,16 +60,14 @@ class ModelArgs:
     def parse(cls, raw: dict) -> "ModelArgs":
         """Validate everything a user can get wrong, before anything heavy happens."""
         known = {f.name for f in fields(cls)}
-        # lmms-eval adds these from its own flags; vidtok runs one sample at a time
+        # lmms-eval adds these from its own flags (--batch_size N: N requests per vidtok.generate call)
         ignored = {"batch_size", "max_batch_size"}
         unknown = sorted(set(raw) - known - ignored)
         if unknown:
             raise ModelArgsError(f"unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
-        batch = raw.get("batch_size")
-        if batch not in (None, 1, "1", "auto"):
-            raise ModelArgsError(f"batch_size {batch!r}: vidtok answers one video at a time; use --batch_size 1")
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         args = cls(**values)
+        args.batch_size = _batch_size(raw.get("batch_size"))
         args._check(given=set(values))
         return args
 
@@ -148,6 +146,21 @@ class ModelArgs:
             return None
         text = str(self.layers).strip("\"'")
         return text.replace(";", ",")
+
+
+def _batch_size(value) -> int:
+    """lmms-eval's --batch_size: a whole number >= 1 (its "auto" probes memory by trial, which a
+    compressed video's varying length would mislead: name a size)."""
+    if value is None:
+        return 1
+    try:
+        size = int(str(value))
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ModelArgsError(f"batch_size {value!r}: give --batch_size a whole number >= 1 (vidtok answers that many requests "
+                             "per batch, with the same results as one at a time)")
+    return size
 
 
 def _is_toy_name(name) -> bool:
@@ -267,7 +280,7 @@ class VidtokLMM(_base()):
             raise ModelArgsError(str(error)) from None
         _check_fits(args, guide, layers, self.model, assistant)
         self.guide = guide
-        self.batch_size_per_gpu = 1
+        self.batch_size_per_gpu = args.batch_size
         log = args.plan_log or os.environ.get("VIDTOK_PLAN_LOG")
         self._plan_log = None if not log else Path(log)
 
@@ -277,7 +290,7 @@ class VidtokLMM(_base()):
 
     @property
     def batch_size(self):
-        return 1
+        return self.batch_size_per_gpu
 
     def _plan_path(self) -> Path | None:
         if self._plan_log is None:
@@ -287,7 +300,6 @@ class VidtokLMM(_base()):
         return self._plan_log
 
     def generate_until(self, requests):
-        from lmms_eval.api.instance import GenerationResult, TokenCounts
         from tqdm.auto import tqdm
 
         from ..pipeline import generate
@@ -295,23 +307,38 @@ class VidtokLMM(_base()):
         path = self._plan_path()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        out = []
-        for request in tqdm(requests, disable=self.rank != 0, desc="vidtok"):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
-            videos = [v for v in visuals if isinstance(v, (str, os.PathLike))]
-            if len(videos) != 1 or len(visuals) != 1:
-                raise ValueError(f"{task} doc {doc_id}: vidtok answers about exactly one video per question, got {len(visuals)} visuals")
-            kwargs = _generation_kwargs(gen_kwargs, self.args.max_new_tokens)
-            result = generate(self.model, self.tokenizer, videos[0], context, self.method, frames=self.args.frames, **kwargs)
-            text = _cut(result.text, gen_kwargs.get("until"))
-            new_tokens = int(result.sequences.shape[1]) - result.prompt_tokens
-            if path is not None:
-                record = {"task": task, "split": split, "doc_id": doc_id, "video": str(videos[0]), "answer": text, **result.plan.to_dict()}
-                with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            out.append(GenerationResult(text=text, token_counts=TokenCounts(input_tokens=result.prompt_tokens, output_tokens=new_tokens)))
+        out: list = [None] * len(requests)
+        size = self.batch_size_per_gpu
+        with tqdm(total=len(requests), disable=self.rank != 0, desc="vidtok") as bar:
+            for start in range(0, len(requests), size):
+                chunk = range(start, min(start + size, len(requests)))
+                # one generate() call per set of generation settings in the chunk (tasks may differ in them)
+                groups: dict = {}
+                for n in chunk:
+                    context, gen_kwargs, doc_to_visual, doc_id, task, split = requests[n].args
+                    visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+                    videos = [v for v in visuals if isinstance(v, (str, os.PathLike))]
+                    if len(videos) != 1 or len(visuals) != 1:
+                        raise ValueError(f"{task} doc {doc_id}: vidtok answers about exactly one video per question, got {len(visuals)} visuals")
+                    kwargs = _generation_kwargs(gen_kwargs, self.args.max_new_tokens)
+                    groups.setdefault(json.dumps(kwargs, sort_keys=True), []).append((n, videos[0], context, gen_kwargs, doc_id, task, split))
+                for key, members in groups.items():
+                    results = generate(self.model, self.tokenizer, [m[1] for m in members], [m[2] for m in members], self.method,
+                                       frames=self.args.frames, **json.loads(key))
+                    for (n, video, _, gen_kwargs, doc_id, task, split), result in zip(members, results):
+                        out[n] = self._answer(result, gen_kwargs, path, {"task": task, "split": split, "doc_id": doc_id, "video": str(video)})
+                bar.update(len(chunk))
         return out
+
+    def _answer(self, result, gen_kwargs, path, where: dict):
+        from lmms_eval.api.instance import GenerationResult, TokenCounts
+
+        text = _cut(result.text, gen_kwargs.get("until"))
+        new_tokens = int(result.sequences.shape[1]) - result.prompt_tokens
+        if path is not None:
+            with open(path, "a") as f:
+                f.write(json.dumps({**where, "answer": text, **result.plan.to_dict()}) + "\n")
+        return GenerationResult(text=text, token_counts=TokenCounts(input_tokens=result.prompt_tokens, output_tokens=new_tokens))
 
     def loglikelihood(self, requests):
         raise NotImplementedError(

@@ -144,7 +144,78 @@ class VideoAdapter:
         raise NotImplementedError
 
     def token_attention(self, input_ids, video_embeds, layers: list[int], encoded: EncodedVideo | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The last prompt token's attention to the unit tokens at `layers`: [len(layers), N]."""
+        return self.token_attention_batch([(input_ids, video_embeds, encoded)], layers)[0]
+
+    def token_attention_batch(self, items, layers: list[int], pad_id: int | None = None) -> list[torch.Tensor]:
+        """token_attention for several prompts ((input_ids, video_embeds, encoded) each) in one
+        left-padded forward: each item's own last token and visual positions, [len(layers), N_i] each.
+        Runs the LLM only up to the attention of the deepest chosen layer (no later layers, no LM
+        head, no KV cache), with sdpa everywhere."""
+        inputs = [self.model_inputs(ids, embeds, encoded) for ids, embeds, encoded in items]
+        batch, pads = self.batch_inputs(inputs, pad_id)
+        visual = [self.visual_positions(ids) + pad for (ids, _, _), pad in zip(items, pads)]
+        return capture_last_token_attention(self, visual, layers, lambda: self.inner(**batch, use_cache=False))
+
+    def token_attention_shared(self, items, layers: list[int]) -> tuple[list[torch.Tensor], int] | None:
+        """token_attention for prompts on one video that differ only after it (several questions):
+        in a causal LLM the video's keys and values do not depend on what follows, so the shared
+        prefix (everything up to the first token that differs, the whole video included) runs once
+        into a KV cache, and each prompt's own tokens run on a copy of it. Returns (the attention of
+        each item, the prefix length), or None where the prompts differ before the video ends."""
+        import copy
+
+        from transformers import DynamicCache
+
+        inputs = [self.model_inputs(ids, embeds, encoded) for ids, embeds, encoded in items]
+        ids = [item["input_ids"][0] for item in inputs]
+        shortest = min(len(i) for i in ids)
+        prefix = next((n for n in range(shortest) if any(int(i[n]) != int(ids[0][n]) for i in ids)), shortest)
+        prefix = min(prefix, shortest - 1)  # every prompt runs at least its last token on top of the prefix
+        placeholders = (ids[0] == self.video_token_id).nonzero()
+        if prefix <= int(placeholders.max()):
+            return None
+
+        def head(value, n):
+            return value[..., :n] if torch.is_tensor(value) else value
+
+        first = {k: head(v, prefix) if k in ("input_ids", "attention_mask", "position_ids") else v for k, v in inputs[0].items()}
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        # stopped inside the deepest guide layer, as every guide pass: the cache holds the layers the questions read
+        run_until(self, max(layers), lambda: self.inner(**first, cache=cache, use_cache=True))
+        out = []
+        for item, (raw_ids, _, _) in zip(inputs, items):
+            rest = {"input_ids": item["input_ids"][:, prefix:], "attention_mask": item["attention_mask"]}
+            if "position_ids" in item:
+                rest["position_ids"] = item["position_ids"][..., prefix:]
+            own = copy.deepcopy(cache)
+            visual = self.visual_positions(raw_ids)
+            out += capture_last_token_attention(self, [visual], layers, lambda: self.inner(**rest, cache=own, use_cache=True))
+        return out, prefix
+
+    def batch_inputs(self, items: list[dict], pad_id: int | None = None) -> tuple[dict, list[int]]:
+        """Per-prompt model inputs (batch 1 each, from model_inputs) -> one batch, left-padded as a
+        tokenizer pads for generation, and each item's pad count. Pads are masked; each item keeps
+        its own positions (LLaVA's 1-D ones counted from its first real token, Qwen's 3-D ones as
+        model_inputs computed them); the video embeddings follow the items in order. One item is
+        returned as it is."""
+        if len(items) == 1:
+            return items[0], [0]
+        if pad_id is None or pad_id in (getattr(self, "video_token_id", None), getattr(self, "image_token_id", None)):
+            raise ValueError(f"a batch needs a pad token id that is not a media placeholder, got {pad_id!r}; set tokenizer.pad_token")
+        length = max(item["input_ids"].shape[1] for item in items)
+        pads = [length - item["input_ids"].shape[1] for item in items]
+        pad = torch.nn.functional.pad
+        batch = {
+            "input_ids": torch.cat([pad(item["input_ids"], (p, 0), value=pad_id) for item, p in zip(items, pads)]),
+            "attention_mask": torch.cat([pad(item["attention_mask"], (p, 0), value=0) for item, p in zip(items, pads)]),
+        }
+        if "position_ids" in items[0]:  # [3, 1, S] each -> [3, B, S]
+            batch["position_ids"] = torch.cat([pad(item["position_ids"], (p, 0), value=0) for item, p in zip(items, pads)], dim=1)
+        else:  # 1-D positions: what generate() derives from the mask, so that a plain forward sees them too
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        batch["mm_encoder_outputs"] = {key: _merge([item["mm_encoder_outputs"][key] for item in items]) for key in items[0]["mm_encoder_outputs"]}
+        return batch, pads
 
     @property
     def decoder_layers(self):
@@ -159,19 +230,49 @@ class VideoAdapter:
         return next(self.model.parameters()).dtype
 
 
-def capture_last_token_attention(adapter, input_ids, layers: list[int], forward) -> torch.Tensor:
-    """Run `forward()` (the LLM on the full prompt) with observers on `layers`: the last token's
-    attention to the unit tokens, [len(layers), N]. Stops inside the deepest chosen layer."""
+def _merge(values):
+    """The encoder outputs of several prompts as one: tensors [1, N, D] joined along the tokens,
+    tuples (one entry per video) and lists (DeepStack layers) entry by entry, in item order."""
+    first = values[0]
+    if torch.is_tensor(first):
+        return torch.cat(values, dim=-2)
+    if isinstance(first, tuple):
+        return tuple(x for value in values for x in value)
+    if isinstance(first, list):
+        return [_merge(list(column)) for column in zip(*values)]
+    return type(first)(**{key: _merge([value[key] for value in values]) for key in first.keys()})
+
+
+def run_until(adapter, layer: int, forward) -> None:
+    """Run `forward()` and stop inside `layer`'s attention: its KV cache entry is written (the cache
+    is updated before attention runs), no later layer runs."""
+    from .._seam import StopForward, observe_attention
+
+    def stop(module, query, key, scaling, **_):
+        raise StopForward
+
+    with observe_attention(adapter.model, ["text_config"], {adapter.decoder_layers[layer].self_attn: stop}):
+        try:
+            forward()
+        except StopForward:
+            return
+    raise RuntimeError(f"layer {layer} was never run: the forward stopped before it")
+
+
+def capture_last_token_attention(adapter, visual: list[torch.Tensor], layers: list[int], forward) -> list[torch.Tensor]:
+    """Run `forward()` (the LLM on a batch of full prompts, left-padded) with observers on `layers`:
+    each item's last token's attention to its unit tokens (`visual[b]`, positions in the batch),
+    [len(layers), N_b] per item. Stops inside the deepest chosen layer."""
     from .._seam import StopForward, observe_attention
     from ..importance import last_token_attention
 
-    visual = adapter.visual_positions(input_ids)
     deepest = max(layers)
-    captured: dict[int, torch.Tensor] = {}
+    captured: dict[int, list[torch.Tensor]] = {}
 
     def observer(layer):
         def observe(module, query, key, scaling, **_):
-            captured[layer] = last_token_attention(query, key, visual.to(query.device), scaling)[0]
+            captured[layer] = [last_token_attention(query[b : b + 1], key[b : b + 1], v.to(query.device), scaling)[0]
+                               for b, v in enumerate(visual)]
             if layer == deepest:
                 raise StopForward
 
@@ -186,4 +287,4 @@ def capture_last_token_attention(adapter, input_ids, layers: list[int], forward)
     missing = [layer for layer in layers if layer not in captured]
     if missing:
         raise RuntimeError(f"guide layers {missing} were never run: the guide's attention could not be captured")
-    return torch.stack([captured[layer] for layer in layers])
+    return [torch.stack([captured[layer][b] for layer in layers]) for b in range(len(visual))]

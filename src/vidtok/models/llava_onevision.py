@@ -11,7 +11,7 @@ import torch
 from .._seam import observe_attention
 from ..compressors.base import FrameSignals
 from ..video import load_pixels
-from .base import EncodedVideo, VideoAdapter, capture_last_token_attention
+from .base import EncodedVideo, VideoAdapter
 
 # Fallback when a tokenizer has no chat template: the LLaVA-OV (Qwen2) format.
 DEFAULT_TEMPLATE = "<|im_start|>user <video>\n{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -237,12 +237,3 @@ class LlavaOnevisionAdapter(VideoAdapter):
     def decoder_layers(self):
         """The LLM's decoder layers, in order; layer i's attention module is `.self_attn`."""
         return self.inner.language_model.layers
-
-    def token_attention(self, input_ids: torch.Tensor, video_embeds: torch.Tensor, layers: list[int], encoded=None) -> torch.Tensor:
-        """Last-token attention to the frame tokens at `layers`: [len(layers), F*T].
-
-        Runs the LLM only up to the attention of the deepest chosen layer (no later layers,
-        no LM head, no KV cache), with sdpa everywhere.
-        """
-        inputs = self.model_inputs(input_ids, video_embeds)
-        return capture_last_token_attention(self, input_ids, layers, lambda: self.inner(**inputs, use_cache=False))

@@ -20,7 +20,7 @@ import torch
 from .._seam import observe_attention
 from ..compressors.base import FrameSignals
 from ..video import VideoError, as_frames, check_frames, read_clip
-from .base import EncodedVideo, VideoAdapter, capture_last_token_attention
+from .base import EncodedVideo, VideoAdapter
 from .mrope import layout_positions
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -378,7 +378,3 @@ class Qwen2_5_VLAdapter(VideoAdapter):
     @property
     def decoder_layers(self):
         return self.inner.language_model.layers
-
-    def token_attention(self, input_ids, video_embeds, layers: list[int], encoded: EncodedVideo | None = None) -> torch.Tensor:
-        inputs = self.model_inputs(input_ids, video_embeds, encoded)
-        return capture_last_token_attention(self, input_ids, layers, lambda: self.inner(**inputs, use_cache=False))

@@ -1,0 +1,168 @@
+"""Batched inference equals one item at a time: answers, plans and logits, every family and method."""
+
+import pytest
+import torch
+
+import vidtok
+from vidtok import Composed, DyToK, FastV, Full, Uniform, VisionZip
+from vidtok.testbed.toy import build_qwen3_toy_model, build_qwen_toy_model, build_tokenizer, build_toy_model
+
+from helpers import assert_unchanged, snapshot
+
+QUESTIONS = ["what shape is red ?", "which object is the blue one ?", "what colour is the shape ?", "is the green object a shape ?"]
+
+
+def _warm(model, family):
+    with torch.no_grad():  # transformers adds its output-recording hooks at the first vision forward
+        if family == "llava_onevision":
+            model.model.get_video_features(torch.zeros(1, 1, 3, 64, 64))
+        else:
+            model.model.get_video_features(torch.zeros(16, 3 * 2 * 8 * 8), video_grid_thw=torch.tensor([[1, 4, 4]]))
+    return model
+
+
+def _build(family, seed):
+    if family == "llava_onevision":
+        return _warm(build_toy_model("test", seed=seed), family)
+    if family == "qwen2_5_vl":
+        return _warm(build_qwen_toy_model("test", seed=seed), family)
+    return _warm(build_qwen3_toy_model(family, seed=seed), family)
+
+
+FAMILIES = ["llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    name = request.param
+    return name, _build(name, 0), _build(name, 1), build_tokenizer(name)
+
+
+def _videos(count=4, frames=4):
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(frames, 3, 64, 64, generator=generator) for _ in range(count)]
+
+
+def _methods(assistant):
+    return {
+        "full": None,
+        "visionzip": VisionZip(0.25),
+        "uniform-self": DyToK(Uniform(0.3), guide="self"),
+        "visionzip-assistant": DyToK(VisionZip(0.25), guide=assistant),
+        "fastv": FastV(0.25, layer=2),
+        "fastv-inline": DyToK(FastV(0.25, layer=2), guide="inline"),
+        "fastv-assistant": DyToK(FastV(0.25, layer=2), guide=assistant),
+        "composed": DyToK(Composed(encoder=VisionZip(0.5), llm=FastV(0.5, layer=2)), guide="self"),
+    }
+
+
+PLAN_KEYS = ("budgets", "kept", "total_budget", "visual_tokens_kept", "vision_budgets", "guide_layers")
+GENERATION = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+
+def _same(batched, alone):
+    assert batched.text == alone.text
+    assert torch.equal(batched.sequences, alone.sequences)
+    for key in PLAN_KEYS:
+        assert getattr(batched.plan, key) == getattr(alone.plan, key), key
+    if alone.plan.frame_weights is None:
+        assert batched.plan.frame_weights is None
+    else:
+        assert torch.allclose(torch.tensor(batched.plan.frame_weights), torch.tensor(alone.plan.frame_weights), atol=1e-5)
+    assert batched.logits.shape == alone.logits.shape
+    assert torch.allclose(batched.logits[0], alone.logits[0], atol=1e-4), (batched.logits[0] - alone.logits[0]).abs().max()
+
+
+METHOD_NAMES = ["full", "visionzip", "uniform-self", "visionzip-assistant", "fastv", "fastv-inline", "fastv-assistant", "composed"]
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_a_batch_equals_one_item_at_a_time(family, name):
+    kind, model, assistant, tokenizer = family
+    method = _methods(assistant)[name]
+    videos = _videos()
+    before, guide_before = snapshot(model), snapshot(assistant)
+    batched = vidtok.generate(model, tokenizer, videos, QUESTIONS, method, **GENERATION)
+    assert len(batched) == 4 and all(r.plan.batch_size == 4 for r in batched)
+    for video, question, result in zip(videos, QUESTIONS, batched):
+        _same(result, vidtok.generate(model, tokenizer, video, question, method, **GENERATION))
+    assert_unchanged(model, before)
+    assert_unchanged(assistant, guide_before)
+
+
+def test_retention_one_in_a_batch_is_the_unmodified_models_batch(family):
+    kind, model, _, tokenizer = family
+    videos = _videos(3)
+    full = vidtok.generate(model, tokenizer, videos, QUESTIONS[:3], None, **GENERATION)
+    ones = vidtok.generate(model, tokenizer, videos, QUESTIONS[:3], DyToK(VisionZip(1.0), guide="self"), **GENERATION)
+    for a, b in zip(full, ones):
+        assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logits, b.logits)
+
+
+def test_mixed_frame_counts_batch_and_fastv_groups_them():
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    generator = torch.Generator().manual_seed(5)
+    videos = [torch.randn(n, 3, 64, 64, generator=generator) for n in (4, 6, 4, 2)]
+    for method in (VisionZip(0.25), FastV(0.25, layer=2), DyToK(FastV(0.25, layer=2), guide="inline")):
+        batched = vidtok.generate(model, tokenizer, videos, QUESTIONS, method, **GENERATION)
+        for video, question, result in zip(videos, QUESTIONS, batched):
+            _same(result, vidtok.generate(model, tokenizer, video, question, method, **GENERATION))
+
+
+def test_one_video_many_questions_is_decoded_and_encoded_once():
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    video = _videos(1)[0]
+    results = vidtok.generate(model, tokenizer, video, QUESTIONS, DyToK(VisionZip(0.25), guide="self"), **GENERATION)
+    assert sum("vision" in r.plan.seconds for r in results) == 1  # the others reuse it
+    assert all("vision_reused" in r.plan.seconds for r in results[1:])
+    for question, result in zip(QUESTIONS, results):
+        _same(result, vidtok.generate(model, tokenizer, video, question, DyToK(VisionZip(0.25), guide="self"), **GENERATION))
+
+
+def test_a_call_that_raises_mid_batch_leaves_the_models_unchanged():
+    model, assistant, tokenizer = _build("llava_onevision", 0), _build("llava_onevision", 1), build_tokenizer("llava_onevision")
+    before, guide_before = snapshot(model), snapshot(assistant)
+    videos = _videos()
+    videos[2] = torch.randn(4, 3, 32, 32)  # the wrong size for this model: item 2 fails after items 0 and 1 were read
+    with pytest.raises(ValueError, match="pixel values must be"):
+        vidtok.generate(model, tokenizer, videos, QUESTIONS, DyToK(FastV(0.25, layer=2), guide=assistant))
+    assert_unchanged(model, before)
+    assert_unchanged(assistant, guide_before)
+
+
+@pytest.mark.parametrize(
+    "videos, questions, message",
+    [
+        ("two", "what shape is red ?", "2 videos with one question string: pass a list of questions"),
+        ("two", QUESTIONS[:3], "2 videos for 3 questions"),
+        ("two", [], "an empty batch"),
+        ("two", ["what shape is red ?", ""], "non-empty string"),
+    ],
+)
+def test_bad_batches_are_clear_errors(videos, questions, message, tmp_path):
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    paths = [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    given = paths if videos == "two" else videos
+    with pytest.raises(ValueError, match=message):
+        vidtok.generate(model, tokenizer, given, questions, VisionZip(0.25))
+
+
+def test_full_batches_with_full_method_objects(family):
+    kind, model, _, tokenizer = family
+    videos = _videos(2)
+    a = vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], Full(), **GENERATION)
+    b = vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], None, **GENERATION)
+    assert [r.text for r in a] == [r.text for r in b]
+
+
+@pytest.mark.parametrize("guide", ["self", "assistant"])
+def test_a_shared_guide_pass_equals_separate_passes(family, guide):
+    kind, model, assistant, tokenizer = family
+    method = DyToK(VisionZip(0.25), guide="self" if guide == "self" else assistant)
+    video = _videos(1)[0]
+    results = vidtok.generate(model, tokenizer, video, QUESTIONS[:3], method, **GENERATION)
+    for question, result in zip(QUESTIONS, results):
+        shared = result.plan.guide_shared
+        assert shared["questions"] == 3 and shared["prefix_tokens"] < shared["prompt_tokens"]
+        assert shared["prefix_tokens"] > result.plan.visual_tokens_in  # the whole video ran once
+        _same(result, vidtok.generate(model, tokenizer, video, question, method, **GENERATION))

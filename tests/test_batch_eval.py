@@ -1,0 +1,64 @@
+"""`vidtok eval --batch-size N` writes what batch size 1 writes (shipped toy models, tiny splits)."""
+
+import json
+
+import pytest
+
+from vidtok.harness.evaluate import EvalConfig, evaluate
+from vidtok.testbed.synth import write_split
+from vidtok.testbed.toy import load_default
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model, tokenizer, assistant, note = load_default()
+    assert note is None
+    return model, tokenizer, assistant
+
+
+def _lines(folder):
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    return {r["index"]: r for r in rows}  # the last line of a sample wins, as in the summary
+
+
+def _same_rows(a, b):
+    assert a.keys() == b.keys()
+    for index in a:
+        x, y = a[index], b[index]
+        assert ("failed" in x) == ("failed" in y), index
+        if "failed" in x:
+            assert x["failed"] == y["failed"]
+            continue
+        assert (x["prediction"], x["budgets"], x["needle_kept"], x["kept_tokens"]) == (y["prediction"], y["budgets"], y["needle_kept"], y["kept_tokens"])
+        if x["frame_weights"] is None:
+            assert y["frame_weights"] is None
+        else:
+            assert max(abs(p - q) for p, q in zip(x["frame_weights"], y["frame_weights"])) < 1e-5
+
+
+def test_batch_size_four_writes_what_batch_size_one_writes(toy, tmp_path):
+    split = tmp_path / "split"
+    write_split(split, seed=31, count=6)
+    # one record the method cannot answer (the tokenizer's video marker in its question): it fails alone
+    lines = (split / "questions.jsonl").read_text().splitlines()
+    record = json.loads(lines[2])
+    record["question"] = "what shape is <video> ?"
+    lines[2] = json.dumps(record)
+    (split / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    settings = dict(split=str(split), methods=["visionzip", "fastv"], guides=["none", "self", "assistant"], retentions=[0.25])
+    one = evaluate(EvalConfig(out=str(tmp_path / "one"), **settings), *toy, progress=False, log=lambda *_: None)
+    four = evaluate(EvalConfig(out=str(tmp_path / "four"), batch_size=4, **settings), *toy, progress=False, log=lambda *_: None)
+    assert [s["accuracy"] for s in one] == [s["accuracy"] for s in four]
+    assert all(s["failed"] == 1 and s["failures"][0]["index"] == 2 for s in four)
+    for summary in one:
+        folder = (tmp_path / "one" / summary["identity"]["method"]).parent
+        name = next(p.name for p in folder.iterdir() if p.is_dir() and json.loads((p / "identity.json").read_text()) == summary["identity"])
+        _same_rows(_lines(tmp_path / "one" / name), _lines(tmp_path / "four" / name))
+    # the same identity: a batch size-1 folder resumes under --batch-size 4 with nothing to do
+    again = evaluate(EvalConfig(out=str(tmp_path / "one"), batch_size=4, **settings), *toy, progress=False, log=lambda *_: None)
+    assert [s["accuracy"] for s in again] == [s["accuracy"] for s in one]
+
+
+def test_batch_size_must_be_a_whole_number(tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        EvalConfig(split=str(tmp_path), batch_size=0)
