@@ -166,3 +166,19 @@ def test_a_shared_guide_pass_equals_separate_passes(family, guide):
         assert shared["questions"] == 3 and shared["prefix_tokens"] < shared["prompt_tokens"]
         assert shared["prefix_tokens"] > result.plan.visual_tokens_in  # the whole video ran once
         _same(result, vidtok.generate(model, tokenizer, video, question, method, **GENERATION))
+
+
+def test_a_batch_that_does_not_fit_is_refused_with_the_size_that_fits(monkeypatch):
+    import vidtok.pipeline as pipeline
+
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    videos = _videos()
+    one = vidtok.prepare(model, tokenizer, videos[0], QUESTIONS[0], None)
+    length = one.inputs["input_ids"].shape[1]
+    config = model.config.get_text_config()
+    per_item = (2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * (length + 8)
+                + length * (6 * config.hidden_size + 3 * config.intermediate_size)) * 4
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: int(2.5 * per_item))  # room for two items of this length
+    with pytest.raises(ValueError, match="use a batch of at most 2"):
+        vidtok.generate(model, tokenizer, videos, [QUESTIONS[0]] * 4, None, max_new_tokens=8)
+    assert len(vidtok.generate(model, tokenizer, videos[:2], [QUESTIONS[0]] * 2, None, max_new_tokens=8)) == 2

@@ -320,6 +320,12 @@ def cmd_bench(args) -> int:
     out = args.out or f"benchmarks/results/bench-{config.name}"
     writable_dir(out)
     report = run_bench(config, out, log=(lambda *a: None) if args.quiet else print)
+    if "throughput" in report:
+        from .harness.throughput import throughput_table
+
+        print(throughput_table(report["throughput"]))
+        print(f"results in {out}/ (bench.json, bench.png)")
+        return 0
     print(table(report["rows"]))
     for retention, goal in (report.get("goal") or {}).items():
         got = goal["default_guide_speedup"]

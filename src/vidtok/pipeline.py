@@ -705,8 +705,45 @@ def generate(model, tokenizer, video, question, method=None, *, frames: int | No
     return results if batched else results[0]
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on `device`: the GPU's free memory, or the machine's available memory
+    on the CPU (MemAvailable); None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _check_memory(model, batch: int, length: int, new_tokens: int) -> None:
+    """Refuse a batch whose KV cache and prefill activations, estimated from the shapes, pass the
+    free memory, before any of it is allocated, naming the batch size that fits."""
+    config = model.config.get_text_config()
+    free = free_memory(next(model.parameters()).device)
+    if batch < 2 or free is None:
+        return
+    size = next(model.parameters()).element_size()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    tokens = length + (new_tokens if isinstance(new_tokens, int) else 0)
+    cache = 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * size  # per item
+    # one layer's live prefill activations: hidden states, q/k/v/o projections and the MLP's widest tensors
+    activations = length * (6 * config.hidden_size + 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)) * size
+    need = batch * (cache + activations)
+    if need > free:
+        fit = max(1, free // (cache + activations))
+        raise ValueError(
+            f"a batch of {batch} prompts of up to {length} tokens needs about {need / 2**30:.1f} GiB (KV cache and prefill "
+            f"activations), and {free / 2**30:.1f} GiB is free: use a batch of at most {fit}, fewer frames or a lower retention"
+        )
+
+
 def _generate_batch(model, tokenizer, prepared: list[Prepared], generate_kwargs) -> list[Result]:
     adapter = adapter_for(model)
+    _check_memory(model, len(prepared), max(p.inputs["input_ids"].shape[1] for p in prepared), generate_kwargs.get("max_new_tokens"))
     inputs, pads = adapter.batch_inputs([p.inputs for p in prepared], _pad_id(tokenizer))
     stages = [p.stage for p in prepared]
     apply = nullcontext() if stages[0] is None else _apply_fastv(stages, pads)

@@ -49,6 +49,10 @@ class BenchConfig:
     sweep_frames: list | None = field(default=None, metadata={"help": "a length sweep: every run at each frame count, ascending"})
     point_seconds: float = field(default=600.0, metadata={"help": "sweep: skip a length whose predicted time passes this"})
     goal: dict | None = field(default=None, metadata={"help": 'LLM-side speedup goals of the default-guide rows, {"0.25": 4.6, "0.1": 11}'})
+    batch_sizes: list | None = field(default=None, metadata={"help": "throughput instead of stage timings: every run at each batch size "
+                                                                      "(vidtok.generate on that many questions and videos at once)"})
+    questions_per_video: int | list = field(default=1, metadata={"help": "throughput: also q questions on one video (the guide pass "
+                                                                         "shared) beside q questions on q videos; a list for several q"})
     source: InitVar[str | None] = None  # the file the values came from, named in every error
 
     def __post_init__(self, source):
@@ -164,6 +168,18 @@ def _check_config(config: BenchConfig, check: _Check) -> None:
                                                 and all(_is_whole(n) and n >= 1 for n in config.sweep_frames)):
         check.fail("sweep_frames", config.sweep_frames, "a list of whole numbers >= 1 (the frame counts to measure)")
     check.number(config.point_seconds, "point_seconds", "a positive number of seconds")
+    if config.batch_sizes is not None:
+        for i, size in enumerate(check.items(config.batch_sizes, "batch_sizes", "whole numbers >= 1 (questions per generate call)")):
+            check.whole(size, f"batch_sizes[{i}]")
+        for key in ("sweep_frames", "goal"):
+            if getattr(config, key) is not None:
+                raise check.error(key, getattr(config, key), f"batch_sizes measures throughput at one length, not stage timings: "
+                                                              f"drop {key} or batch_sizes")
+    shares = config.questions_per_video if isinstance(config.questions_per_video, list) else [config.questions_per_video]
+    for i, q in enumerate(shares):
+        check.whole(q, "questions_per_video" if shares is not config.questions_per_video else f"questions_per_video[{i}]")
+    if max(shares) > 1 and config.batch_sizes is None:
+        raise check.error("questions_per_video", config.questions_per_video, "it is a throughput setting: add batch_sizes")
     if config.goal is not None:
         if config.sweep_frames is not None:
             raise check.error("goal", config.goal, "a goal is read at one length, and a sweep measures several: drop goal or sweep_frames")
@@ -637,6 +653,18 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
         report.update(_sweep(config, setup, rows, out, log, report))
         report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+        return report
+    if config.batch_sizes:
+        from .throughput import plot_throughput, run_throughput
+
+        adapter = adapter_for(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            size = getattr(adapter, "image_size", None) or config.main.get("frame_size", 448)
+            pixels = adapter.pixels(bench_video(Path(tmp) / "bench.mp4", config.frames, size), config.frames)
+        report.update(run_throughput(config, setup, rows, pixels, log))
+        report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+        plot_throughput(report["throughput"], out / "bench.png", f"{config.name}: {config.frames} frames, {report['machine']['device']}")
         return report
     results, plan = _bench_point(config, setup, rows, config.frames, log)
     report["rows"] = results
