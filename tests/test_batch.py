@@ -182,3 +182,15 @@ def test_a_batch_that_does_not_fit_is_refused_with_the_size_that_fits(monkeypatc
     with pytest.raises(ValueError, match="use a batch of at most 2"):
         vidtok.generate(model, tokenizer, videos, [QUESTIONS[0]] * 4, None, max_new_tokens=8)
     assert len(vidtok.generate(model, tokenizer, videos[:2], [QUESTIONS[0]] * 2, None, max_new_tokens=8)) == 2
+
+
+def test_a_list_of_frames_is_one_video_and_a_list_of_videos_needs_questions():
+    import numpy as np
+
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    frames = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(4)]
+    alone = vidtok.generate(model, tokenizer, frames, QUESTIONS[0], None, max_new_tokens=2)
+    batched = vidtok.generate(model, tokenizer, frames, QUESTIONS, None, max_new_tokens=2)  # 4 frames, 4 questions: one video
+    assert alone.plan.frames == 4 and batched[0].plan.frames == 4 and batched[0].text == alone.text
+    with pytest.raises(ValueError, match="2 videos with one question string"):
+        vidtok.generate(model, tokenizer, _videos(2), QUESTIONS[0], None)

@@ -175,6 +175,18 @@ def _eval_refusal(method, guide, option, tmp_path):
 
 
 EVAL_OPTIONS = {"layers", "seed", "guide_pool", "guide_stride", "layer"}  # eval's own flags among the table's
+BENCH_OPTIONS = {"layers", "guide_pool", "guide_stride", "layer"}  # the keys of a bench config's run among the table's
+
+
+def _bench_refusal(method, guide, option):
+    from vidtok.harness.bench import BenchConfig
+
+    run = {"method": method, "guide": guide, option.name: VALUES[option.name] if option.name != "layers" else "0"}
+    try:
+        BenchConfig(name="t", main={"toy": "test"}, guide={"toy": "test"}, runs=[run])
+    except ValueError as error:
+        return True if TABLE in str(error) else None  # None: refused for another reason first (a composed method, ...)
+    return False
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=[o.name for o in OPTIONS])
@@ -196,6 +208,10 @@ def test_run_eval_and_lmms_eval_refuse_exactly_what_the_table_says(option, monke
                     continue  # an evaluation that cannot be configured at all (inline without fastv)
                 if _eval_refusal(method, guide, option, tmp_path) is any(option.test(m, g) for m, g, *_ in runs):
                     mismatches.append(("eval", method, guide))
+            if option.name in BENCH_OPTIONS:
+                refused = _bench_refusal(method, guide, option)
+                if refused is not None and refused == applies:
+                    mismatches.append(("bench", method, guide))
     assert not mismatches, mismatches
 
 

@@ -390,15 +390,14 @@ def _guide_pass(dytok, guide, main, layers, tokenizer, question, pixels, encoded
     stride = dytok.guide_stride
     if stride > 1 and stride >= frames:
         raise ValueError(f"guide_stride {stride} leaves the guide 1 of the video's {frames} {guide.unit}s; use a stride below {frames}")
-    with timer("guide"):
-        view, view_pixels = (encoded, pixels) if stride == 1 else guide.subsample_units(encoded, pixels, stride)
-        features = view.features
-        if dytok.guide_pool > 1:
-            features = guide.pool_frames(features, dytok.guide_pool)
-        units = features.shape[0]
-        ids = guide.prompt_ids(tokenizer, question, [features.shape[1]] * units, view_pixels)
-        _check_length(guide, ids, "guide")
-        embeds = torch.cat([features.flatten(0, 1), view.newline])
+    view, view_pixels = (encoded, pixels) if stride == 1 else guide.subsample_units(encoded, pixels, stride)
+    features = view.features
+    if dytok.guide_pool > 1:
+        features = guide.pool_frames(features, dytok.guide_pool)
+    units = features.shape[0]
+    ids = guide.prompt_ids(tokenizer, question, [features.shape[1]] * units, view_pixels)
+    _check_length(guide, ids, "guide")
+    embeds = torch.cat([features.flatten(0, 1), view.newline])
     return _GuidePass(key, cache, timer, ids=ids, embeds=embeds, view=view, units=units, frames=frames)
 
 
@@ -412,10 +411,21 @@ def _run_guide(dytok, guide, layers, passes: list[_GuidePass], pad_id) -> None:
     groups: dict = {}
     for p in todo:
         groups.setdefault(p.key[:6] + p.key[7:], []).append(p)
-    sync = device_sync(guide.device) or (lambda: None)
-    sync()
-    start = time.perf_counter()
+    batch: dict[str, float] = {}
     alone, attention = [], {}
+    with _Timer(batch, device_sync(guide.device))("guide"):
+        _guide_forwards(guide, layers, groups, alone, attention, pad_id)
+    share = batch["guide"] / len(todo)
+    for p, scores in ((p, attention[id(p)]) for p in todo):
+        weights = frame_weights(_finite(scores, "attention", guide.model), p.units)
+        p.weights = weights if dytok.guide_stride == 1 else spread_weights(weights, dytok.guide_stride, p.frames)
+        p.timer.seconds["guide"] = p.timer.seconds.get("guide", 0.0) + share
+        if p.cache is not None:
+            p.cache.put(p.key, "guide", p.weights, p.timer.seconds["guide"], guide.model)
+
+
+def _guide_forwards(guide, layers, groups, alone, attention, pad_id) -> None:
+    """Each group of questions on one video through the shared prefix where it can be, the rest in one batch."""
     for group in groups.values():
         shared = guide.token_attention_shared([(p.ids, p.embeds, p.view) for p in group], layers) if len(group) > 1 else None
         if shared is None:
@@ -427,14 +437,6 @@ def _run_guide(dytok, guide, layers, passes: list[_GuidePass], pad_id) -> None:
     if alone:
         for p, scores in zip(alone, guide.token_attention_batch([(p.ids, p.embeds, p.view) for p in alone], layers, pad_id)):
             attention[id(p)] = scores
-    sync()
-    share = (time.perf_counter() - start) / len(todo)
-    for p, scores in ((p, attention[id(p)]) for p in todo):
-        weights = frame_weights(_finite(scores, "attention", guide.model), p.units)
-        p.weights = weights if dytok.guide_stride == 1 else spread_weights(weights, dytok.guide_stride, p.frames)
-        p.timer.seconds["guide"] = p.timer.seconds.get("guide", 0.0) + share
-        if p.cache is not None:
-            p.cache.put(p.key, "guide", p.weights, p.timer.seconds["guide"], guide.model)
 
 
 def _check_question(tokenizer, question: str) -> None:
@@ -475,7 +477,7 @@ def _as_batch(video, question, cache) -> tuple[list, list[str], list, bool]:
     videos, or one video they all ask about (decoded and encoded once). One question string is one
     call; `video` is then one video, whatever its type (a list of frames included)."""
     if isinstance(question, str):
-        if isinstance(video, (list, tuple)) and video and all(isinstance(v, (str, os.PathLike)) for v in video):
+        if isinstance(video, (list, tuple)) and video and not all(_is_frame_array(v) for v in video):
             raise ValueError(f"{len(video)} videos with one question string: pass a list of questions, one per video "
                              "(e.g. [question] * len(videos))")
         return [video], [question], [cache], False
@@ -483,7 +485,8 @@ def _as_batch(video, question, cache) -> tuple[list, list[str], list, bool]:
         raise TypeError(f"question must be a string, or a list of strings for a batch, got {type(question).__name__}")
     if not question:
         raise ValueError("an empty batch: give at least one question")
-    if isinstance(video, (list, tuple)) and not (video and all(_is_frame_array(v) for v in video) and len(video) != len(question)):
+    # a list is one video per question, unless it is one video given as a list of frames (each [H, W, 3]: no video is 3-D)
+    if isinstance(video, (list, tuple)) and not (video and all(_is_frame_array(v) for v in video)):
         videos = list(video)
         if len(videos) != len(question):
             raise ValueError(f"{len(videos)} videos for {len(question)} questions: give one video per question, "
@@ -585,11 +588,7 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
                 even = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
                 dytok.budgets([1.0] * num_frames, llm_budget, per_frame, available=even)
 
-    for item in items:
-        signals = item["compressing"] and encoder.needs_vision_signals
-        pixels = item["pixels"]
-        item["encoded"] = _fetch(item["cache"], ("vision", id(model), signals), "vision", item["timer"],
-                                 lambda: _finite_video(adapter.encode_video(pixels, signals=signals), model), model)
+    _encode(adapter, items, encoder, sync)
 
     passes = {}
     for n, item in enumerate(items):
@@ -600,6 +599,34 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
         _run_guide(dytok, guide, layers, list(passes.values()), _pad_id(tokenizer))
     return [_finish(item, passes.get(n), adapter, tokenizer, base, dytok, encoder, fastv, inline, layers, len(items))
             for n, item in enumerate(items)]
+
+
+def _encode(adapter, items, encoder, sync) -> None:
+    """Each item's encoded video: from its cache, else computed in one vision-tower call per kind
+    (VisionZip's signals read or not) for every video not yet encoded; each is charged its share."""
+    model = adapter.model
+    todo: dict = {}
+    for item in items:
+        item["signals"] = item["compressing"] and encoder.needs_vision_signals
+        cache, key = item["cache"], ("vision", id(model), item["signals"])
+        if cache is not None and cache.has(key, model):
+            continue
+        # items that share a cache share its video: encoded once, the others reuse it below
+        todo.setdefault(item["signals"], {}).setdefault(id(item) if cache is None else id(cache), item)
+    for signals, unique in todo.items():
+        batch, seconds = list(unique.values()), {}
+        with _Timer(seconds, sync)("vision"):
+            encoded = adapter.encode_videos([item["pixels"] for item in batch], signals=signals)
+        share = seconds["vision"] / len(batch)
+        for item, video in zip(batch, encoded):
+            _finite_video(video, model)
+            item["timer"].seconds["vision"] = item["timer"].seconds.get("vision", 0.0) + share
+            item["encoded"] = video
+            if item["cache"] is not None:
+                item["cache"].put(("vision", id(model), signals), "vision", video, share, model)
+    for item in items:
+        if "encoded" not in item:  # in a cache: its own, or one an item of this batch just filled
+            item["encoded"] = item["cache"].fetch(("vision", id(model), item["signals"]), "vision", item["timer"], None, model)
 
 
 def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, inline, layers, batch) -> Prepared:
@@ -750,14 +777,11 @@ def _generate_batch(model, tokenizer, prepared: list[Prepared], generate_kwargs)
     kwargs = dict(generate_kwargs)
     if len(prepared) > 1 and kwargs.get("pad_token_id") is None and model.generation_config.pad_token_id is None:
         kwargs["pad_token_id"] = _pad_id(tokenizer)
-    sync = device_sync(inputs["input_ids"].device) or (lambda: None)
-    with apply:
-        sync()
-        start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    with apply, _Timer(seconds, device_sync(inputs["input_ids"].device))("generate"):
         out = model.generate(**inputs, **kwargs)
-        sync()
     sequences, step_logits = (out, None) if torch.is_tensor(out) else (out.sequences, getattr(out, "logits", None))
-    share = (time.perf_counter() - start) / len(prepared)
+    share = seconds["generate"] / len(prepared)
     width = inputs["input_ids"].shape[1]
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)

@@ -95,6 +95,12 @@ def run_throughput(config, setup: dict, rows: list[dict], pixels, log) -> dict:
     return {"throughput": out}
 
 
+def _label(row: dict) -> str:
+    if row["method"] == "full":
+        return "full"
+    return f"{row['method']} {100 * row['retention']:g}%" + ("" if row["guide"] == "none" else f" + DyToK ({row['guide']})")
+
+
 def plot_throughput(rows: list[dict], path, title: str) -> None:
     import matplotlib
 
@@ -105,7 +111,8 @@ def plot_throughput(rows: list[dict], path, title: str) -> None:
     distinct = [r for r in rows if r["videos"] == "a video each"]
     for i, description in enumerate(dict.fromkeys(r["description"] for r in distinct)):
         points = sorted((r["batch_size"], r["questions_per_s"]) for r in distinct if r["description"] == description)
-        left.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=description)
+        label = _label(next(r for r in distinct if r["description"] == description))
+        left.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=label)
     left.set_xlabel("batch size (questions per generate call)")
     left.set_ylabel("questions / s")
     left.set_title("throughput, a video per question")
@@ -120,9 +127,10 @@ def plot_throughput(rows: list[dict], path, title: str) -> None:
             values = [next(r["llm_side_seconds_per_question"] for r in rows if r["description"] == d and r["videos"] == kind
                            and r["batch_size"] == q) for d in labels]
             right.barh([k + 0.4 * j for k in range(len(labels))], values, height=0.4, label=kind)
-        right.set_yticks([k + 0.2 for k in range(len(labels))], [d[:60] for d in labels], fontsize=7)
+        names = [_label(next(r for r in one if r["description"] == d)) for d in labels]
+        right.set_yticks([k + 0.2 for k in range(len(labels))], names, fontsize=8)
         right.set_xlabel("LLM-side seconds per question (guide + generate)")
-        right.set_title(f"{q} questions: on {q} videos, or on one video (the guide's video prefix shared)")
+        right.set_title(f"{q} questions: on {q} videos, or on one (guide prefix shared)", fontsize=10)
         right.legend(fontsize=7)
     else:
         right.axis("off")

@@ -84,6 +84,10 @@ class VideoAdapter:
     def encode_video(self, pixels, signals: bool = False) -> EncodedVideo:
         raise NotImplementedError
 
+    def encode_videos(self, videos: list, signals: bool = False) -> list[EncodedVideo]:
+        """encode_video for several videos; a family whose tower takes them in one call overrides it."""
+        return [self.encode_video(pixels, signals=signals) for pixels in videos]
+
     def display(self, pixels) -> tuple[torch.Tensor, tuple[int, int]]:
         """For pictures: the first frame of each unit as RGB in [0, 1], [U, H, W, 3], and a unit's token grid (rows, cols)."""
         raise NotImplementedError

@@ -186,6 +186,26 @@ class LlavaOnevisionAdapter(VideoAdapter):
             vision_hidden=hidden,
         )
 
+    def encode_videos(self, videos: list, signals: bool = False) -> list[EncodedVideo]:
+        """Several videos in one vision-tower call: SigLIP, the projector and the pooling work frame
+        by frame, so the frames of all videos are one batch, split back per video."""
+        if len(videos) == 1:
+            return [self.encode_video(videos[0], signals=signals)]
+        counts = [v.shape[0] for v in videos]
+        joint = self.encode_video(torch.cat([v.to(self.device, self.dtype) for v in videos]), signals=signals)
+
+        def split(tensor):
+            return tensor.split(counts)
+
+        parts = [split(joint.features), split(joint.vision_hidden)]
+        if signals:
+            parts += [split(joint.signals.attention), split(joint.signals.metric)]
+        out = []
+        for n in range(len(videos)):
+            frame_signals = FrameSignals(attention=parts[2][n], metric=parts[3][n]) if signals else None
+            out.append(EncodedVideo(features=parts[0][n], newline=joint.newline, signals=frame_signals, vision_hidden=parts[1][n]))
+        return out
+
     def project(self, vision_hidden: torch.Tensor, like: EncodedVideo | None = None) -> EncodedVideo:
         """Another model's selected vision hidden states [F, N, hv] through this model's projector
         and pooling: what encode_video gives when the two share a vision tower."""
