@@ -113,11 +113,15 @@ class VideoCache:
     the cache was filled make it drop what it holds and compute again (`refreshed` counts it); a
     different video is an error. The same content given as another object (a copy, `Path` for
     `str`) is the same video.
+
+    `check_content=False` skips that check (a hash of the frames per call) for frames nothing else
+    can change while the cache lives: `vidtok eval` decodes its own and hands them to no one else.
     """
 
-    def __init__(self, video):
+    def __init__(self, video, *, check_content: bool = True):
         self.video = video
-        self.fingerprint = fingerprint(video)
+        self.check_content = check_content
+        self.fingerprint = fingerprint(video) if check_content else None
         self.sampling = None
         self.entries: dict = {}
         self.saved: dict[str, float] = {}
@@ -130,7 +134,12 @@ class VideoCache:
         return video is self.video
 
     def bind(self, video, frames, fps) -> None:
-        current = fingerprint(video)
+        if not self.check_content:
+            if video is not self.video:
+                raise ValueError("this VideoCache belongs to another video: make one VideoCache per video (VideoCache(video))")
+            current = None
+        else:
+            current = fingerprint(video)
         if current != self.fingerprint:
             if not self._same_source(video):
                 raise ValueError("this VideoCache belongs to another video: make one VideoCache per video (VideoCache(video))")

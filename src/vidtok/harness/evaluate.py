@@ -487,7 +487,8 @@ def _evaluate_records(indices, records, states, methods, adapter, model, tokeniz
             for run in pending:
                 states[run].add({**head, "failed": problem})
             continue
-        ready[index] = (head, pixels, VideoCache(pixels), pending)
+        # the evaluation's own decoded frames, never handed out: no content check per call
+        ready[index] = (head, pixels, VideoCache(pixels, check_content=False), pending)
 
     for run, state in states.items():
         batch = [index for index, (_, _, _, pending) in ready.items() if run in pending]
