@@ -194,3 +194,34 @@ def test_a_list_of_frames_is_one_video_and_a_list_of_videos_needs_questions():
     assert alone.plan.frames == 4 and batched[0].plan.frames == 4 and batched[0].text == alone.text
     with pytest.raises(ValueError, match="2 videos with one question string"):
         vidtok.generate(model, tokenizer, _videos(2), QUESTIONS[0], None)
+
+
+def test_several_samples_per_item_are_one_at_a_time():
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    videos = _videos(2)
+    with pytest.raises(ValueError, match="num_return_sequences=2 in a batch"):
+        vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], None, do_sample=True, num_return_sequences=2, max_new_tokens=2)
+    one = vidtok.generate(model, tokenizer, videos[0], QUESTIONS[0], None, do_sample=True, num_return_sequences=2, max_new_tokens=2)
+    assert one.sequences.shape[0] == 2
+
+
+def test_stopping_other_than_the_end_token_is_one_at_a_time():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Never(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    with pytest.raises(ValueError, match="a batch stops each item at its end token only"):
+        vidtok.generate(model, tokenizer, _videos(2), QUESTIONS[:2], None, stopping_criteria=StoppingCriteriaList([Never()]))
+    vidtok.generate(model, tokenizer, _videos(1)[0], QUESTIONS[0], None, stopping_criteria=StoppingCriteriaList([Never()]), max_new_tokens=2)
+
+
+def test_a_guide_batch_that_does_not_fit_is_refused(monkeypatch):
+    import vidtok.pipeline as pipeline
+
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match="a batch of 4 guide prompts of up to"):
+        vidtok.generate(model, tokenizer, _videos(), QUESTIONS, DyToK(VisionZip(0.25), guide="self"))

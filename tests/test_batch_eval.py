@@ -62,3 +62,24 @@ def test_batch_size_four_writes_what_batch_size_one_writes(toy, tmp_path):
 def test_batch_size_must_be_a_whole_number(tmp_path):
     with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
         EvalConfig(split=str(tmp_path), batch_size=0)
+
+
+def test_a_batch_out_of_memory_is_answered_one_record_at_a_time(toy, tmp_path, monkeypatch):
+    import torch
+
+    import vidtok.pipeline as pipeline
+
+    split = tmp_path / "split"
+    write_split(split, seed=32, count=4)
+    settings = dict(split=str(split), methods=["visionzip"], guides=["none"], retentions=[0.25])
+    one = evaluate(EvalConfig(out=str(tmp_path / "one"), **settings), *toy, progress=False, log=lambda *_: None)
+    real = pipeline.generate
+
+    def small_memory(model, tokenizer, video, question, *args, **kwargs):
+        if isinstance(question, list) and len(question) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, tokenizer, video, question, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", small_memory)
+    four = evaluate(EvalConfig(out=str(tmp_path / "four"), batch_size=4, **settings), *toy, progress=False, log=lambda *_: None)
+    assert [s["accuracy"] for s in four] == [s["accuracy"] for s in one] and all(s["failed"] == 0 for s in four)

@@ -140,3 +140,28 @@ def test_vision_signals_match_eager_reference(model):
     pooled = torch.nn.functional.interpolate(received.reshape(2, 1, grid, grid), size=(grid // 2, grid // 2), mode="bilinear")
     torch.testing.assert_close(sig.attention.double(), pooled.reshape(2, -1), atol=1e-6, rtol=1e-5)
     assert sig.metric.shape[:2] == features.shape[:2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_visionzip_over_a_video_matches_the_slow_reference_frame_by_frame(seed):
+    """Frames with equal budgets are selected together (one vectorised call): each frame must still
+    be exactly what the loop-by-loop reference keeps of it."""
+    g = torch.Generator().manual_seed(seed)
+    frames, tokens = 9, 16
+    features, attention, metric = torch.randn(frames, tokens, 5, generator=g), torch.rand(frames, tokens, generator=g), torch.randn(frames, tokens, 3, generator=g)
+    budgets = torch.randint(0, tokens + 1, (frames,), generator=g).tolist()
+    budgets[1] = budgets[4] = budgets[7] = 7  # a group sharing one budget
+    compressor = VisionZip()
+    out, kept = compressor.compress(features, budgets, FrameSignals(attention=attention, metric=metric))
+    expected_tokens, expected_kept = [], []
+    for f, budget in enumerate(budgets):
+        if budget in (0, tokens):
+            index = list(range(budget))
+            chosen = [features[f, i] for i in index]
+        else:
+            index, chosen = slow_visionzip(features[f], attention[f], metric[f], *compressor.split(budget))
+        order = sorted(range(len(index)), key=lambda k: index[k])
+        expected_kept.append([index[k] for k in order])
+        expected_tokens += [chosen[k] for k in order]
+    assert kept == expected_kept
+    torch.testing.assert_close(out, torch.stack(expected_tokens) if expected_tokens else out[:0])

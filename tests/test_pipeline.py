@@ -116,7 +116,7 @@ def test_model_unchanged_after_a_call_that_raised(model, tokenizer, pixels, monk
     monkeypatch.setattr(vidtok.importance, "last_token_attention", boom)
     with pytest.raises(RuntimeError, match="boom"):
         prepare(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25)))
-    monkeypatch.setattr(vz, "visionzip_frame", boom)
+    monkeypatch.setattr(vz, "visionzip_frames", boom)
     with pytest.raises(RuntimeError, match="boom"):
         prepare(model, tokenizer, pixels, Q, VisionZip(0.25))
     assert_unchanged(model, before)

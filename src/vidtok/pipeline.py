@@ -420,6 +420,7 @@ def _run_guide(dytok, guide, layers, passes: list[_GuidePass], pad_id) -> None:
     groups: dict = {}
     for p in todo:
         groups.setdefault(p.key[:6] + p.key[7:], []).append(p)
+    _check_memory(guide.model, len(todo), max(int(p.ids.shape[1]) for p in todo), 0, cache=False, who="guide")
     batch: dict[str, float] = {}
     alone, attention = [], {}
     with _Timer(batch, device_sync(guide.device))("guide"):
@@ -744,8 +745,8 @@ def generate(model, tokenizer, video, question, method=None, *, frames: int | No
 def free_memory(device: torch.device) -> int | None:
     """Bytes free for tensors on `device`: the GPU's free memory, or the machine's available memory
     on the CPU (MemAvailable); None where it cannot be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # free on the device, plus what torch's allocator holds but no tensor uses
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
@@ -753,9 +754,10 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def _check_memory(model, batch: int, length: int, new_tokens: int) -> None:
-    """Refuse a batch whose KV cache and prefill activations, estimated from the shapes, pass the
-    free memory, before any of it is allocated, naming the batch size that fits."""
+def _check_memory(model, batch: int, length: int, new_tokens: int | None, cache: bool = True, who: str = "model") -> None:
+    """Refuse a batch whose KV cache (`cache`: a generate call; a guide pass keeps none) and prefill
+    activations, estimated from the shapes, pass the free memory, before any of it is allocated,
+    naming the batch size that fits."""
     config = model.config.get_text_config()
     free = free_memory(next(model.parameters()).device)
     if batch < 2 or free is None:
@@ -765,45 +767,63 @@ def _check_memory(model, batch: int, length: int, new_tokens: int) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tokens = length + (new_tokens if isinstance(new_tokens, int) else 0)
-    cache = 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * size  # per item
+    kv = 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * size if cache else 0  # per item
     # one layer's live prefill activations: hidden states, q/k/v/o projections and the MLP's widest tensors
     activations = length * (6 * config.hidden_size + 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)) * size
-    need = batch * (cache + activations)
+    need = batch * (kv + activations)
     if need > free:
-        fit = max(1, free // (cache + activations))
+        fit = max(1, free // (kv + activations))
         raise ValueError(
-            f"a batch of {batch} prompts of up to {length} tokens needs about {need / 2**30:.1f} GiB (KV cache and prefill "
-            f"activations), and {free / 2**30:.1f} GiB is free: use a batch of at most {fit}, fewer frames or a lower retention"
+            f"a batch of {batch} {who} prompts of up to {length} tokens needs about {need / 2**30:.1f} GiB "
+            f"({'KV cache and ' if cache else ''}prefill activations), and {free / 2**30:.1f} GiB is free: use a batch of at most "
+            f"{fit}, fewer frames or a lower retention"
         )
 
 
 def _generate_batch(model, tokenizer, prepared: list[Prepared], generate_kwargs) -> list[Result]:
     adapter = adapter_for(model)
-    _check_memory(model, len(prepared), max(p.inputs["input_ids"].shape[1] for p in prepared), generate_kwargs.get("max_new_tokens"))
+    kwargs = dict(generate_kwargs)
+    config = kwargs.get("generation_config") or model.generation_config
+    samples = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    if samples > 1 and len(prepared) > 1:
+        raise ValueError(f"num_return_sequences={samples} in a batch: answer such items one at a time (a single call returns every "
+                         "sample in Result.sequences)")
+    if len(prepared) > 1 and (kwargs.get("stopping_criteria") or kwargs.get("stop_strings") or getattr(config, "stop_strings", None)):
+        # generate() stops a batch's rows by the end token only; a row another criterion stopped goes on generating
+        raise ValueError("stopping_criteria / stop_strings in a batch: a batch stops each item at its end token only; "
+                         "answer such items one at a time, or cut the answers afterwards")
+    _check_memory(model, len(prepared), max(p.inputs["input_ids"].shape[1] for p in prepared), kwargs.get("max_new_tokens"))
     inputs, pads = adapter.batch_inputs([p.inputs for p in prepared], _pad_id(tokenizer))
     stages = [p.stage for p in prepared]
     apply = nullcontext() if stages[0] is None else _apply_fastv(stages, pads)
-    kwargs = dict(generate_kwargs)
-    if len(prepared) > 1 and kwargs.get("pad_token_id") is None and model.generation_config.pad_token_id is None:
-        kwargs["pad_token_id"] = _pad_id(tokenizer)
+    pad = kwargs.get("pad_token_id", config.pad_token_id)
+    if len(prepared) > 1 and pad is None:
+        pad = kwargs["pad_token_id"] = _pad_id(tokenizer)
     seconds: dict[str, float] = {}
     with apply, _Timer(seconds, device_sync(inputs["input_ids"].device))("generate"):
         out = model.generate(**inputs, **kwargs)
     sequences, step_logits = (out, None) if torch.is_tensor(out) else (out.sequences, getattr(out, "logits", None))
     share = seconds["generate"] / len(prepared)
     width = inputs["input_ids"].shape[1]
-    eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    eos = kwargs.get("eos_token_id", config.eos_token_id)
     eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    if samples > 1:  # one item, several samples: every sample row as generate returned it, the answer from the first
+        p = prepared[0]
+        p.plan.seconds["generate"] = p.plan.seconds.get("generate", 0.0) + share
+        text = tokenizer.decode(sequences[0, width:], skip_special_tokens=True).strip()
+        return [Result(text=text, plan=p.plan, sequences=sequences, prompt_tokens=width)]
     results = []
     for b, (p, row) in enumerate(zip(prepared, sequences)):
         new = row[width:].tolist()
         ends = [i for i, token in enumerate(new) if token in eos]
-        new = new[: ends[0] + 1] if ends else new  # a batch pads an item that ended early; alone it would have stopped there
+        if ends:  # a batch pads an item that ended early; alone it would have stopped there
+            new = new[: ends[0] + 1]
         prompt = p.inputs["input_ids"][0]
         p.plan.seconds["generate"] = p.plan.seconds.get("generate", 0.0) + share
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         full = torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype, device=prompt.device)])[None]
-        logits = None if step_logits is None else torch.stack([step[b] for step in step_logits[: len(new)]])
+        # beam search returns a row per beam: an item's first row is its own (every beam is alike at the first step)
+        logits = None if step_logits is None else torch.stack([step[b * (step.shape[0] // len(prepared))] for step in step_logits[: len(new)]])
         results.append(Result(text=text, plan=p.plan, sequences=full, prompt_tokens=prompt.shape[0], logits=logits))
     return results
 

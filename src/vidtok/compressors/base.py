@@ -48,28 +48,36 @@ class Compressor:
         """features [T, D] of one frame, 0 < budget < T -> (token indices [budget], tokens [budget, D])."""
         raise NotImplementedError
 
+    def select_frames(self, features: torch.Tensor, frames: list[int], budget: int, signals: FrameSignals):
+        """`select` on each of `frames` (features [F, T, D] of the whole video), all with the same
+        0 < budget < T: a list of (token indices, tokens). A compressor whose rule vectorises over
+        frames overrides it (the same result, one call)."""
+        return [self.select(features[f], budget, f, signals) for f in frames]
+
     def compress(self, features: torch.Tensor, budgets: list[int], signals: FrameSignals | None = None):
         """features [F, T, D] -> (tokens [sum(budgets), D], kept indices per frame)."""
         frames, tokens_per_frame, _ = features.shape
         if len(budgets) != frames:
             raise ValueError(f"{len(budgets)} budgets for {frames} frames")
         signals = signals or FrameSignals()
-        out, kept = [], []
+        chosen: dict[int, tuple] = {}
+        partial: dict[int, list[int]] = {}  # budget -> the frames that keep that many of their tokens
         for f, budget in enumerate(budgets):
             if not 0 <= budget <= tokens_per_frame:
                 raise ValueError(f"frame {f}: budget {budget} outside 0..{tokens_per_frame}")
             if budget == tokens_per_frame:
-                index, tokens = torch.arange(tokens_per_frame), features[f]
+                chosen[f] = torch.arange(tokens_per_frame), features[f]
             elif budget == 0:
-                index, tokens = torch.zeros(0, dtype=torch.long), features[f, :0]
+                chosen[f] = torch.zeros(0, dtype=torch.long), features[f, :0]
             else:
-                index, tokens = self.select(features[f], budget, f, signals)
+                partial.setdefault(budget, []).append(f)
+        for budget, group in partial.items():
+            for f, (index, tokens) in zip(group, self.select_frames(features, group, budget, signals)):
                 if self.spatial_order:
                     index, order = index.sort()
                     tokens = tokens[order]
-            out.append(tokens)
-            kept.append(index.tolist())
-        return torch.cat(out, dim=0), kept
+                chosen[f] = index, tokens
+        return torch.cat([chosen[f][1] for f in range(frames)], dim=0), [chosen[f][0].tolist() for f in range(frames)]
 
     def __str__(self) -> str:
         return f"{self.name}(retention={self.retention:g})"

@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from .base import Compressor
+from .base import Compressor, FrameSignals
 
 
 def visionzip_frame(features, attention, metric, dominant: int, contextual: int):
@@ -19,30 +19,38 @@ def visionzip_frame(features, attention, metric, dominant: int, contextual: int)
     to the target instead of averaging all of them; we keep that. Returns (indices, tokens),
     dominant first (by attention), then contextual (by index).
     """
-    tokens = features.shape[0]
-    if dominant + contextual > tokens:
+    index, tokens = visionzip_frames(features[None], attention[None], metric[None], dominant, contextual)
+    return index[0], tokens[0]
+
+
+def visionzip_frames(features, attention, metric, dominant: int, contextual: int):
+    """visionzip_frame on G frames at once, each keeping `dominant` + `contextual` tokens: features
+    [G, T, D], attention [G, T], metric [G, T, d] -> (indices [G, dominant + contextual], tokens
+    [G, dominant + contextual, D]), row g equal to visionzip_frame on frame g."""
+    frames, tokens, _ = features.shape
+    if dominant + contextual > tokens:  # Stable sorts below: ties go to the lower index, identically on every device
         raise ValueError(f"{dominant}+{contextual} tokens asked of a frame of {tokens}")
-    # Stable sort: ties go to the lower index, identically on every device.
-    order = torch.sort(attention.float(), descending=True, stable=True).indices
-    dominant_index = order[:dominant]
-    rest = torch.ones(tokens, dtype=torch.bool)
-    rest[dominant_index] = False
-    rest_index = rest.nonzero().squeeze(1)
+    order = torch.sort(attention.float(), dim=1, descending=True, stable=True).indices
+    dominant_index = order[:, :dominant]
+    take = lambda index: features.gather(1, index[..., None].expand(-1, -1, features.shape[-1]))  # noqa: E731
     if contextual == 0:
-        return dominant_index, features[dominant_index]
-    step = max(1, rest_index.numel() // contextual)
-    target_pos = torch.arange(0, rest_index.numel(), step)[:contextual]
-    is_target = torch.zeros(rest_index.numel(), dtype=torch.bool)
+        return dominant_index, take(dominant_index)
+    rest_index = order[:, dominant:].sort(dim=1).values  # every frame has the same number left: index order
+    rest = tokens - dominant
+    step = max(1, rest // contextual)
+    target_pos = torch.arange(0, rest, step)[:contextual]
+    is_target = torch.zeros(rest, dtype=torch.bool)
     is_target[target_pos] = True
-    target_index, member_index = rest_index[is_target], rest_index[~is_target]
-    merged = features[target_index].clone()
-    if member_index.numel():
+    target_index, member_index = rest_index[:, is_target], rest_index[:, ~is_target]
+    merged = take(target_index).clone()
+    if member_index.shape[1]:
         unit = F.normalize(metric.float(), dim=-1)
-        nearest = (unit[member_index] @ unit[target_index].T).argmax(dim=1)
-        sums = torch.zeros_like(merged).index_add_(0, nearest, features[member_index])
-        counts = torch.bincount(nearest, minlength=target_index.numel()).clamp(min=1).to(merged.dtype)
-        merged = merged + sums / counts[:, None]
-    return torch.cat([dominant_index, target_index]), torch.cat([features[dominant_index], merged])
+        pick = lambda index: unit.gather(1, index[..., None].expand(-1, -1, unit.shape[-1]))  # noqa: E731
+        nearest = torch.bmm(pick(member_index), pick(target_index).transpose(1, 2)).argmax(dim=2)
+        sums = torch.zeros_like(merged).scatter_add_(1, nearest[..., None].expand(-1, -1, merged.shape[-1]), take(member_index))
+        counts = torch.zeros(frames, contextual, dtype=merged.dtype).scatter_add_(1, nearest, torch.ones_like(nearest, dtype=merged.dtype))
+        merged = merged + sums / counts.clamp(min=1)[..., None]
+    return torch.cat([dominant_index, target_index], dim=1), torch.cat([take(dominant_index), merged], dim=1)
 
 
 @dataclass
@@ -68,7 +76,13 @@ class VisionZip(Compressor):
         return dominant, budget - dominant
 
     def select(self, features, budget, frame, signals):
+        return self.select_frames(features[None], [0], budget, FrameSignals(*(None if s is None else s[frame][None] for s in
+                                                                               (signals.attention, signals.metric))))[0]
+
+    def select_frames(self, features, frames, budget, signals):
         if signals.attention is None or signals.metric is None:
             raise ValueError("VisionZip needs the vision tower's attention and keys; run it through vidtok.generate/prepare")
         dominant, contextual = self.split(budget)
-        return visionzip_frame(features, signals.attention[frame], signals.metric[frame], dominant, contextual)
+        index = torch.tensor(frames)
+        kept, tokens = visionzip_frames(features[index], signals.attention[index], signals.metric[index], dominant, contextual)
+        return list(zip(kept, tokens))

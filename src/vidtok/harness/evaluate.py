@@ -467,6 +467,8 @@ def _evaluate_records(indices, records, states, methods, adapter, model, tokeniz
     one record at a time. Each record's configurations share one VideoCache: the video is encoded
     once per vision tower (and per whether VisionZip's signals are read), each guide pass runs once;
     `sharing` counts it."""
+    import torch
+
     from ..pipeline import VideoCache
     from ..video import file_identity
 
@@ -499,19 +501,22 @@ def _evaluate_records(indices, records, states, methods, adapter, model, tokeniz
             return generate(model, tokenizer, [ready[i][1] for i in members], [records[i]["question"] for i in members], methods[run],
                             cache=[ready[i][2] for i in members], **EVAL_GENERATION)
 
-        try:
-            outcomes = answer(batch)
-        except ValueError:  # some record of the batch cannot be answered with this method: find it, keep the others
-            outcomes = []
-            for index in batch:
-                try:
-                    outcomes += answer([index])
-                except ValueError as error:
-                    outcomes.append(error)
-        for index, outcome in zip(batch, outcomes):
+        def record(index, outcome):
             head = ready[index][0]
             state.add({**head, "failed": str(outcome)} if isinstance(outcome, Exception) else
                       _scored(head, records[index], outcome, adapter.frames_per_unit))
+
+        try:
+            outcomes = answer(batch)
+        except (ValueError, torch.OutOfMemoryError):  # some record cannot be answered this way, or the batch is too big:
+            for index in batch:  # one at a time, each recorded as soon as it is done
+                try:
+                    record(index, answer([index])[0])
+                except (ValueError, torch.OutOfMemoryError) as error:
+                    record(index, error)
+            continue
+        for index, outcome in zip(batch, outcomes):
+            record(index, outcome)
 
     if sharing is not None:
         for _, _, cache, pending in ready.values():
