@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from vidtok.budget import total_budget
     from vidtok.harness.evaluate import EvalConfig, evaluate
     from vidtok.testbed.synth import read_split
-    from vidtok.testbed.toy import calibrated_layers
+    from vidtok.calibration import calibrated_layers
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)

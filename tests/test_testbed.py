@@ -1,6 +1,8 @@
 """The trained toy pair, the synthetic generator, eval / calibrate / viz end to end (shipped weights, offline)."""
 
+import ast
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +10,9 @@ import torch
 
 import vidtok
 from vidtok import DyToK, VisionZip
+from vidtok.calibration import calibrated_layers, default_guide_layers
 from vidtok.testbed.synth import make_sample, read_split, samples, write_split
-from vidtok.testbed.toy import ASSETS, calibrated_layers, load_default
+from vidtok.testbed.toy import ASSETS, load_default
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +153,64 @@ def test_training_smoke(tmp_path):
     assert "auxiliary" in (tmp_path / "README.md").read_text()
     # the auxiliary heads and the probe stay out of the checkpoint: exactly the architecture's weights
     assert model.state_dict().keys() == vidtok.testbed.toy.build_toy_model("test").state_dict().keys()
+
+
+def _imported_siblings(path: Path, package: str) -> set[str]:
+    """Modules of `package` a file imports, at its top or inside a function (relative or absolute)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(alias.name for alias in node.names)
+            elif node.level == 0 and (node.module or "").startswith(f"vidtok.{package}."):
+                found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[2] for a in node.names if a.name.startswith(f"vidtok.{package}."))
+    return found
+
+
+def test_testbed_modules_import_each_other_without_a_circle():
+    # toy, synth and events once imported each other (events <-> toy <-> synth); the words they
+    # share live in vocab.py, which imports nothing
+    folder = Path(vidtok.__file__).parent / "testbed"
+    graph = {f.stem: _imported_siblings(f, "testbed") - {f.stem} for f in folder.glob("*.py") if f.stem != "__init__"}
+    assert graph["vocab"] == set()
+    assert "events" not in graph["toy"] and "toy" not in graph["synth"] and "toy" not in graph["events"]
+    done, path = set(), []
+
+    def visit(node):
+        assert node not in path, f"import circle: {' -> '.join(path[path.index(node):] + [node])}"
+        if node in done or node not in graph:
+            return
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+
+
+def test_calibration_is_core_and_reads_the_checkpoint_folder(tmp_path):
+    # the calibrated layers belong to a checkpoint: the core module reads them, importing nothing
+    # from the testbed, the harness or the integrations
+    source = (Path(vidtok.__file__).parent / "calibration.py").read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            assert not (node.module or "").startswith(("testbed", "harness", "integrations")), node.module
+            assert node.level == 0, "calibration.py imports nothing from the package"
+
+    class Model:
+        name_or_path = str(tmp_path)
+
+    assert calibrated_layers(Model()) is None and calibrated_layers(None) is None
+    (tmp_path / "vidtok.json").write_text(json.dumps({"guide_layers": [1]}))
+    assert calibrated_layers(Model()) == [1]
+    assert default_guide_layers("self", Model(), None) == [1]
+    assert default_guide_layers("assistant", None, Model()) == [1]
+    assert default_guide_layers("inline", Model(), None, fastv_layer=2) == [1]
+    assert default_guide_layers("inline", Model(), None, fastv_layer=1) is None
+    assert default_guide_layers("none", Model(), Model()) is None

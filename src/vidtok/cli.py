@@ -92,7 +92,7 @@ def _load(args):
 def _method(args, model, assistant, tokenizer=None, video=None, question=None):
     """The method the flags name; with --match-flops, FastV's retention solved for that FLOPs share
     (returns the method and the video's pixels, decoded once for the solve)."""
-    from .testbed.toy import default_guide_layers
+    from .calibration import default_guide_layers
 
     guide = args.guide or ("none" if args.method == "full" else "assistant" if assistant is not None else "self")
     _check_given(args, [(args.method, guide)])

@@ -85,7 +85,7 @@ def best_range(weights: list[torch.Tensor], records, layer_ids=None) -> tuple[li
 
 
 def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> dict:
-    from ..testbed.toy import CALIBRATION_FILE
+    from ..calibration import CALIBRATION_FILE
 
     if not records:  # an empty split lacks questions, not labels: say which
         raise ValueError("calibration got no records (an empty split); calibrate on a labelled split, e.g. one written by `vidtok synth OUT_DIR`")

@@ -328,7 +328,7 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     from ..models import adapter_for
     from ..pipeline import generate
     from ..testbed.synth import read_split
-    from ..testbed.toy import default_guide_layers
+    from ..calibration import default_guide_layers
 
     records = read_split(config.split)[: config.limit]
     if not records:

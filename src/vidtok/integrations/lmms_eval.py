@@ -258,7 +258,7 @@ class VidtokLMM(_base()):
         import torch
 
         from ..compressors import build_method
-        from ..testbed.toy import default_guide_layers
+        from ..calibration import default_guide_layers
 
         self.args = args = ModelArgs.parse(model_args)
         self._device = _pick_device(args.device)

@@ -33,12 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .synth import CELL, MASKS, RGB
-from .toy import COLOURS, SHAPES
+from .vocab import COLOURS, NUMBERS, SHAPES
 
 KINDS = ("needle", "order", "count", "change", "majority")
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
-# the words of v2 questions and answers beyond v1's vocabulary (a v2 tokenizer appends them)
-V2_WORDS = ("comes", "after", "how", "many", "frames", "show", "does", "turn", "into") + NUMBERS + ("most", "often")
 EVENT_FRAMES = (2, 6)  # an event lasts 2..6 frames
 MAJORITY_FRAMES = (4, 7)  # ... or 4..7 in a majority video, so the majority needs several frames
 EVENT_COLOURS, CLUTTER_COLOURS = COLOURS[:4], COLOURS[4:]

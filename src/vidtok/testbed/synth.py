@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .toy import COLOURS, SHAPES
+from .vocab import COLOURS, SHAPES
 
 RGB = {
     "red": (230, 30, 30),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "white")
+from .vocab import COLOURS, SHAPES, V2_WORDS
+
 SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<video>", "<image>")
 WORDS = ("user", "assistant", "what", "shape", "colour", "is", "the", "?", "which", "object") + SHAPES + COLOURS
 
@@ -52,8 +52,6 @@ def build_tokenizer(family: str = "llava_onevision", events: bool = False):
     timestamped = family in TIMESTAMPED
     if events and family != "llava_onevision":
         raise ValueError("the events (testbed v2) vocabulary is built for the toy LLaVA-OV family")
-    from .events import V2_WORDS
-
     extra = (QWEN_SPECIALS if qwen else ()) + (TIME_WORDS if timestamped else ()) + (V2_WORDS if events else ())
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + extra)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -233,7 +231,6 @@ def build_toy_model(geometry: str = "main", seed: int = 0, **config_kwargs):
 # shipped defaults --------------------------------------------------------------------------
 
 ASSETS = Path(__file__).parent / "assets"
-CALIBRATION_FILE = "vidtok.json"
 RANDOM_NOTE = "the default model has random weights (no trained toy model is shipped in this install): its answers are meaningless"
 
 
@@ -260,28 +257,3 @@ def load_default():
         guide = LlavaOnevisionForConditionalGeneration.from_pretrained(assistant).eval() if (assistant / "config.json").is_file() else None
         return model, AutoTokenizer.from_pretrained(main), guide, None
     return build_toy_model("main", seed=0), build_tokenizer(), None, RANDOM_NOTE
-
-
-def default_guide_layers(guide: str, model, assistant, fastv_layer: int = 2):
-    """Guide layers when none are given: the calibrated ones of the guide model ("self": the main
-    model, "assistant"); for the inline prior, the main model's calibrated layers below FastV's
-    layer, else None (every layer below it); None for static budgets."""
-    if guide == "none":
-        return None
-    layers = calibrated_layers(assistant if guide == "assistant" else model)
-    if guide == "inline" and layers is not None and max(layers) >= fastv_layer:
-        return None
-    return layers
-
-
-def calibrated_layers(model):
-    """Guide layers stored beside a model's config by `vidtok calibrate`, or None."""
-    import json
-
-    folder = getattr(model, "name_or_path", None) if model is not None else None
-    if not folder:
-        return None
-    path = Path(folder) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())["guide_layers"]
