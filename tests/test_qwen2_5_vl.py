@@ -326,6 +326,16 @@ def test_an_assistant_with_the_same_vision_blocks_runs_only_its_merger(model, to
     assert shared.shape == own.shape == (3, 16, 16) and torch.allclose(shared, own, atol=1e-6)
     plan = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=small), max_new_tokens=2).plan
     assert "guide_vision" in plan.seconds and sum(plan.budgets) == 12
+    # two videos in one tower call: each one's blocks' output, split back, is what its own call gives the assistant
+    other = main.pixels(pixels.roll(1, 0))
+    with torch.no_grad():
+        joint = main.encode_videos([video, other], signals=True)
+        for alone, together in zip((main.encode_video(video, signals=True), main.encode_video(other, signals=True)), joint):
+            assert torch.allclose(alone.vision_hidden, together.vision_hidden, atol=1e-5)
+            assert torch.allclose(alone.features, together.features, atol=1e-5)
+            assert torch.allclose(alone.signals.attention, together.signals.attention, atol=1e-6)
+            assert torch.allclose(guide.project(together.vision_hidden, together).features, guide.project(alone.vision_hidden, alone).features,
+                                  atol=1e-5)
 
 
 def test_eval_calibrate_and_viz_on_a_qwen_checkpoint(model, tokenizer, tmp_path, capsys):

@@ -247,29 +247,39 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         heads) are averaged over the 2x2 patches one LLM token merges, and put back from the
         encoder's window order into raster order, as the merger's output is.
         """
+        return self.encode_videos([pixels], signals=signals)[0]
+
+    def encode_videos(self, videos: list, signals: bool = False) -> list[EncodedVideo]:
+        """Several videos in one tower call (a grid row each; every block attends within one video)."""
         from transformers.vision_utils import get_vision_window_index
 
-        out, patch_signals, (groups, h, w) = self._run_tower(pixels, signals)
-        per_unit = (h // self.merge) * (w // self.merge)
-        features = out.pooler_output[0].reshape(groups, per_unit, -1)
-        frame_signals = None
-        if signals:
-            vision = self.model.config.vision_config
-            window_index, _ = get_vision_window_index(torch.tensor([[groups, h, w]]), self.merge, vision.window_size, self.patch)
-            frame_signals = self._token_signals(patch_signals, groups, per_unit, torch.argsort(window_index))
-        interval = self.tokens_per_second * self.temporal * pixels.seconds_per_frame
-        meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "interval": interval, "grid": (groups, h, w)}
-        # the blocks' output, in the encoder's window order: an assistant whose blocks are these runs only its own merger
-        return EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=out.last_hidden_state, meta=meta)
+        out, patch_signals, grids = self._run_tower(videos, signals)
+        # the blocks' output, in the encoder's window order (video by video): an assistant whose blocks are these runs
+        # only its own merger
+        hidden = out.last_hidden_state.split([g * h * w for g, h, w in grids])
+        encoded = []
+        for n, (pixels, (groups, h, w)) in enumerate(zip(videos, grids)):
+            per_unit = (h // self.merge) * (w // self.merge)
+            features = out.pooler_output[n].reshape(groups, per_unit, -1)
+            frame_signals = None
+            if signals:
+                vision = self.model.config.vision_config
+                window_index, _ = get_vision_window_index(torch.tensor([[groups, h, w]]), self.merge, vision.window_size, self.patch)
+                frame_signals = self._token_signals(patch_signals[n], groups, per_unit, torch.argsort(window_index))
+            interval = self.tokens_per_second * self.temporal * pixels.seconds_per_frame
+            meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "interval": interval, "grid": (groups, h, w)}
+            encoded.append(EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=hidden[n], meta=meta))
+        return encoded
 
-    def _run_tower(self, pixels: QwenVideo, signals: bool):
-        """The vision tower on the video's patches: (its output, and with `signals` the ranking block's
-        attention received [P] (mean over heads and queries) and keys [P, d] (mean over heads) per
-        patch in the encoder's order, else None; the grid (groups, h, w)). The block attends within
-        one temporal group per kernel call: one softmax(QK^T) of a group at a time, never the video's."""
-        groups, h, w = self._grid(pixels)
-        grid = torch.tensor([[groups, h, w]], device=self.device)
-        patches = self._patchify(pixels).to(self.device, self.dtype)
+    def _run_tower(self, videos: list, signals: bool):
+        """The vision tower on the videos' patches (one grid row each): (its output, and with `signals`
+        per video the ranking block's attention received [P] (mean over heads and queries) and keys
+        [P, d] (mean over heads) per patch in the encoder's order, else None; the grids (groups, h, w)).
+        The block attends within one temporal group per kernel call: one softmax(QK^T) of a group at a
+        time, never a video's, and the groups come video by video."""
+        grids = [self._grid(pixels) for pixels in videos]
+        grid = torch.tensor(grids, device=self.device)
+        patches = torch.cat([self._patchify(pixels) for pixels in videos]).to(self.device, self.dtype)
         chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def observe(module, query, key, scaling, **_):
@@ -277,12 +287,17 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             chunks.append((probs.mean(dim=(0, 1)), key[0].float().mean(dim=0)))
 
         if not signals:
-            return self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True), None, (groups, h, w)
+            return self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True), None, grids
         with observe_attention(self.model, ["vision_config"], {self._ranking_block(): observe}):
             out = self.inner.get_video_features(patches, video_grid_thw=grid, return_dict=True)
-        if len(chunks) != groups:
-            raise RuntimeError(f"the ranking block attended in {len(chunks)} pieces for {groups} temporal groups")
-        return out, (torch.cat([a for a, _ in chunks]), torch.cat([k for _, k in chunks])), (groups, h, w)
+        if len(chunks) != sum(g for g, _, _ in grids):
+            raise RuntimeError(f"the ranking block attended in {len(chunks)} pieces for {sum(g for g, _, _ in grids)} temporal groups")
+        per_video, start = [], 0
+        for groups, _, _ in grids:
+            mine = chunks[start : start + groups]
+            per_video.append((torch.cat([a for a, _ in mine]), torch.cat([k for _, k in mine])))
+            start += groups
+        return out, per_video, grids
 
     def _token_signals(self, patch_signals, groups: int, per_unit: int, order=None) -> FrameSignals:
         """Per-patch signals averaged over the 2x2 patches one LLM token merges; `order` puts the

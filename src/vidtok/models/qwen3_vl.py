@@ -116,14 +116,20 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         VisionZip signals from the last block (attention received: mean over heads and queries of
         one group's attention; keys: mean over heads; both averaged over the 2x2 patches a token
         merges; no window reordering, Qwen3-VL's blocks attend over the whole group)."""
-        out, patch_signals, (groups, h, w) = self._run_tower(pixels, signals)
-        per_unit = (h // self.merge) * (w // self.merge)
-        features = out.pooler_output[0].reshape(groups, per_unit, -1)
-        deepstack = [f[0].reshape(groups, per_unit, -1) for f in (getattr(out, "deepstack_features", None) or [])]  # companions
-        frame_signals = self._token_signals(patch_signals, groups, per_unit) if signals else None
-        meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "grid": (groups, h, w)}
-        return EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=None, meta=meta,
-                            companions=deepstack)
+        return self.encode_videos([pixels], signals=signals)[0]
+
+    def encode_videos(self, videos: list, signals: bool = False) -> list[EncodedVideo]:
+        out, patch_signals, grids = self._run_tower(videos, signals)
+        encoded = []
+        for n, (groups, h, w) in enumerate(grids):
+            per_unit = (h // self.merge) * (w // self.merge)
+            features = out.pooler_output[n].reshape(groups, per_unit, -1)
+            deepstack = [f[n].reshape(groups, per_unit, -1) for f in (getattr(out, "deepstack_features", None) or [])]  # companions
+            frame_signals = self._token_signals(patch_signals[n], groups, per_unit) if signals else None
+            meta = {"groups": groups, "height": h // self.merge, "width": w // self.merge, "grid": (groups, h, w)}
+            encoded.append(EncodedVideo(features=features, newline=features[0, :0], signals=frame_signals, vision_hidden=None, meta=meta,
+                                        companions=deepstack))
+        return encoded
 
     def same_vision_tower(self, other) -> bool:
         # DeepStack mergers read intermediate blocks: an assistant runs its own tower (not shared)
