@@ -143,10 +143,10 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_processes_gather_the_single_process_result(reference, tmp_path, launcher):
+@pytest.mark.parametrize("launcher, batch", [(name, 1) for name in sorted(LAUNCHERS)] + [("torchrun", 3)])
+def test_two_processes_gather_the_single_process_result(reference, tmp_path, launcher, batch):
     out = tmp_path / "dp"
-    done = _lmms(tmp_path, [sys.executable, *LAUNCHERS[launcher](_free_port()), "-m", "lmms_eval"], ARGS, out)
+    done = _lmms(tmp_path, [sys.executable, *LAUNCHERS[launcher](_free_port()), "-m", "lmms_eval"], ARGS, out, batch=batch)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _check_against(reference, out, done)
     logs = done.stdout + done.stderr
