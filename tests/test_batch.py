@@ -225,3 +225,16 @@ def test_a_guide_batch_that_does_not_fit_is_refused(monkeypatch):
     monkeypatch.setattr(pipeline, "free_memory", lambda device: 1000)
     with pytest.raises(ValueError, match="a batch of 4 guide prompts of up to"):
         vidtok.generate(model, tokenizer, _videos(), QUESTIONS, DyToK(VisionZip(0.25), guide="self"))
+
+
+def test_caches_in_a_batch_are_one_per_item_or_one_for_all():
+    model, tokenizer = _build("llava_onevision", 0), build_tokenizer("llava_onevision")
+    videos = _videos(2)
+    with pytest.raises(ValueError, match="3 caches for 2 questions"):
+        vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], None, cache=[None, None, None])
+    caches = [vidtok.VideoCache(v) for v in videos]
+    first = vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], VisionZip(0.25), cache=caches, max_new_tokens=2)
+    again = vidtok.generate(model, tokenizer, videos, QUESTIONS[2:4], VisionZip(0.25), cache=caches, max_new_tokens=2)
+    assert all("vision_reused" in r.plan.seconds for r in again) and not any("vision_reused" in r.plan.seconds for r in first)
+    with pytest.raises(ValueError, match="belongs to another video"):  # one cache given for two different videos
+        vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], None, cache=caches[0])
