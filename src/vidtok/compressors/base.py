@@ -50,9 +50,10 @@ class Compressor:
 
     def select_frames(self, features: torch.Tensor, frames: list[int], budget: int, signals: FrameSignals):
         """`select` on each of `frames` (features [F, T, D] of the whole video), all with the same
-        0 < budget < T: a list of (token indices, tokens). A compressor whose rule vectorises over
-        frames overrides it (the same result, one call)."""
-        return [self.select(features[f], budget, f, signals) for f in frames]
+        0 < budget < T: (token indices [G, budget], tokens [G, budget, D]). A compressor whose rule
+        vectorises over frames overrides it (the same result, one call)."""
+        picked = [self.select(features[f], budget, f, signals) for f in frames]
+        return torch.stack([index for index, _ in picked]), torch.stack([tokens for _, tokens in picked])
 
     def compress(self, features: torch.Tensor, budgets: list[int], signals: FrameSignals | None = None):
         """features [F, T, D] -> (tokens [sum(budgets), D], kept indices per frame)."""
@@ -72,11 +73,12 @@ class Compressor:
             else:
                 partial.setdefault(budget, []).append(f)
         for budget, group in partial.items():
-            for f, (index, tokens) in zip(group, self.select_frames(features, group, budget, signals)):
-                if self.spatial_order:
-                    index, order = index.sort()
-                    tokens = tokens[order]
-                chosen[f] = index, tokens
+            index, tokens = self.select_frames(features, group, budget, signals)
+            if self.spatial_order:
+                index, order = index.sort(dim=1)
+                tokens = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
+            for f, frame_index, frame_tokens in zip(group, index, tokens):
+                chosen[f] = frame_index, frame_tokens
         return torch.cat([chosen[f][1] for f in range(frames)], dim=0), [chosen[f][0].tolist() for f in range(frames)]
 
     def __str__(self) -> str:

@@ -37,5 +37,8 @@ class Composed(Compressor):
     def select(self, features, budget, frame, signals):
         return self.encoder.select(features, budget, frame, signals)
 
+    def select_frames(self, features, frames, budget, signals):
+        return self.encoder.select_frames(features, frames, budget, signals)
+
     def __str__(self) -> str:
         return f"composed({self.encoder}, {self.llm})"

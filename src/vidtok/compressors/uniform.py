@@ -15,7 +15,11 @@ class Uniform(Compressor):
     name: ClassVar[str] = "uniform"
 
     def select(self, features, budget, frame, signals):
-        tokens_per_frame = features.shape[0]
-        # Centre of each of `budget` equal slices: distinct indices for any budget <= T.
+        index, tokens = self.select_frames(features[None], [0], budget, signals)
+        return index[0], tokens[0]
+
+    def select_frames(self, features, frames, budget, signals):
+        tokens_per_frame = features.shape[1]
+        # Centre of each of `budget` equal slices: distinct indices for any budget <= T; the same in every frame.
         index = ((torch.arange(budget, dtype=torch.float64) + 0.5) * tokens_per_frame / budget).long()
-        return index, features[index]
+        return index.expand(len(frames), -1), features[torch.tensor(frames)][:, index]

@@ -76,13 +76,13 @@ class VisionZip(Compressor):
         return dominant, budget - dominant
 
     def select(self, features, budget, frame, signals):
-        return self.select_frames(features[None], [0], budget, FrameSignals(*(None if s is None else s[frame][None] for s in
-                                                                               (signals.attention, signals.metric))))[0]
+        one = FrameSignals(*(None if s is None else s[frame][None] for s in (signals.attention, signals.metric)))
+        index, tokens = self.select_frames(features[None], [0], budget, one)
+        return index[0], tokens[0]
 
     def select_frames(self, features, frames, budget, signals):
         if signals.attention is None or signals.metric is None:
             raise ValueError("VisionZip needs the vision tower's attention and keys; run it through vidtok.generate/prepare")
         dominant, contextual = self.split(budget)
         index = torch.tensor(frames)
-        kept, tokens = visionzip_frames(features[index], signals.attention[index], signals.metric[index], dominant, contextual)
-        return list(zip(kept, tokens))
+        return visionzip_frames(features[index], signals.attention[index], signals.metric[index], dominant, contextual)
