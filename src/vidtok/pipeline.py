@@ -8,6 +8,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from . import flops
 from ._seam import drop_tokens, observe_attention
 from .budget import allocate_budgets, total_budget
-from .compressors import Composed, Compressor, DyToK, FastV, Full
+from .compressors import Composed, Compressor, DyToK, FastV, FrameSignals, Full
 from .compressors.fastv import fastv_keep
 from .importance import frame_weights, last_token_attention, last_token_attention_all_keys, spread_weights
 from .models import adapter_for
@@ -655,7 +656,8 @@ def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, i
         widths = [features.shape[-1]] + [c.shape[-1] for c in encoded.companions]
         if compressing:  # companions (DeepStack) ride along as extra channels: the same tokens, merged the same way
             stacked = torch.cat([features, *encoded.companions], dim=-1) if encoded.companions else features
-            tokens, kept = encoder.compress(stacked, vision_budgets, encoded.signals)
+            signals = dataclasses.replace(encoded.signals or FrameSignals(), width=features.shape[-1])
+            tokens, kept = encoder.compress(stacked, vision_budgets, signals)
             tokens, *companions = tokens.split(widths, dim=-1)
         else:
             tokens, kept = features.flatten(0, 1), [list(range(per_frame)) for _ in range(num_frames)]

@@ -15,11 +15,15 @@ class FrameSignals:
     """Per-token signals from the vision tower, on the same grid as the LLM's visual tokens.
 
     attention: [F, T] attention received (mean over heads and queries); metric: [F, T, d] keys
-    averaged over heads. Present only when the compressor asks for them.
+    averaged over heads. Present only when the compressor asks for them. `width`: how many leading
+    channels of the features given to `compress` are the LLM's visual tokens; any after them are
+    companions riding along (Qwen3-VL's DeepStack features), to be merged like the tokens but not
+    compared (None: every channel is the token).
     """
 
     attention: torch.Tensor | None = None
     metric: torch.Tensor | None = None
+    width: int | None = None
 
 
 @dataclass
