@@ -121,7 +121,7 @@ def test_eval_keeps_results_of_a_copied_split(toy, tmp_path):
 # --- options that apply to nothing are refused, the same way everywhere -----------------------
 
 VALUES = {"retention": 0.25, "layer": 3, "vision_retention": 0.5, "match_flops": 0.5, "seed": 1, "assistant": "toy-assistant",
-          "layers": "0", "cap": 4, "floor": 1, "guide_pool": 2, "guide_stride": 2}
+          "layers": "0", "cap": 4, "floor": 1, "guide_pool": 2, "guide_stride": 2, "allocation": "binary"}
 TABLE = "which applies to"
 
 
@@ -175,7 +175,7 @@ def _eval_refusal(method, guide, option, tmp_path):
 
 
 EVAL_OPTIONS = {"layers", "seed", "guide_pool", "guide_stride", "layer"}  # eval's own flags among the table's
-BENCH_OPTIONS = {"layers", "guide_pool", "guide_stride", "layer"}  # the keys of a bench config's run among the table's
+BENCH_OPTIONS = {"layers", "guide_pool", "guide_stride", "layer", "allocation"}  # the keys of a bench config's run among the table's
 
 
 def _bench_refusal(method, guide, option):

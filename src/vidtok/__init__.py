@@ -1,7 +1,8 @@
 """vidtok: DyToK dynamic token compression for Video LLMs on Hugging Face transformers."""
 
+from .allocation import Allocation, Even, Keyframes, Mix, Prior, Uniqueness, frame_uniqueness
 from .budget import allocate_budgets, total_budget
-from .compressors import Composed, Compressor, DyToK, FastV, FrameSignals, Full, Random, Uniform, VisionZip
+from .compressors import Composed, Compressor, DiverseSelect, DyToK, FastV, FrameSignals, Full, Random, SegmentMerge, Uniform, VisionZip
 from .importance import frame_weights, last_token_attention, parse_layers
 from .models import UnsupportedModelError, adapter_for, register_adapter, supported_model_types
 from .pipeline import ModelOutputError, Plan, Prepared, Result, VideoCache, generate, prepare
@@ -10,8 +11,16 @@ from .video import VideoError, preprocess, read_frames
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allocation",
+    "Even",
+    "Keyframes",
+    "Mix",
+    "Prior",
+    "Uniqueness",
+    "frame_uniqueness",
     "Composed",
     "Compressor",
+    "DiverseSelect",
     "DyToK",
     "FastV",
     "FrameSignals",
@@ -20,6 +29,7 @@ __all__ = [
     "Prepared",
     "Random",
     "Result",
+    "SegmentMerge",
     "Uniform",
     "UnsupportedModelError",
     "ModelOutputError",

@@ -94,7 +94,7 @@ def _method(args, model, assistant, tokenizer=None, video=None, question=None):
     (returns the method and the video's pixels, decoded once for the solve)."""
     from .calibration import default_guide_layers
 
-    guide = args.guide or ("none" if args.method == "full" else "assistant" if assistant is not None else "self")
+    guide = args.guide or ("none" if args.method == "full" or _agnostic(args.allocation) else "assistant" if assistant is not None else "self")
     _check_given(args, [(args.method, guide)])
     layers = args.layers if args.layers is not None else default_guide_layers(guide, model, assistant, args.layer)
     retention = args.retention
@@ -108,8 +108,19 @@ def _method(args, model, assistant, tokenizer=None, video=None, question=None):
         video = fastv_video = _pixels(model, video, args)
         retention = fastv_retention_for_flops(model, tokenizer, question, fastv_video, args.layer, args.match_flops)
     method = build_method(args.method, retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool,
-                          layer=args.layer, vision_retention=args.vision_retention, guide_stride=args.guide_stride)
+                          layer=args.layer, vision_retention=args.vision_retention, guide_stride=args.guide_stride,
+                          allocation=args.allocation)
     return method, video
+
+
+def _agnostic(allocation) -> bool:
+    """Whether a named split reads no guide (then --guide defaults to none)."""
+    from .allocation import as_allocation
+
+    try:
+        return allocation is not None and not as_allocation(allocation).needs_prior
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 METHOD_DEFAULTS = {"layer": 2, "floor": 0, "seed": 0, "guide_pool": 1, "guide_stride": 1}  # argparse leaves them None: given or not
@@ -206,6 +217,11 @@ def cmd_viz(args) -> int:
     return 0
 
 
+def _run_label(summary: dict) -> str:
+    """The method column: its name, and a split other than the guide's default after a slash."""
+    return summary["method"] + (f"/{summary['allocation']}" if summary.get("allocation") else "")
+
+
 def cmd_eval(args) -> int:
     from .harness.evaluate import EvalConfig, evaluate
     from .harness.files import writable_dir
@@ -228,6 +244,7 @@ def cmd_eval(args) -> int:
         guide_pool=args.guide_pool,
         guide_stride=args.guide_stride,
         layer=args.layer,
+        allocations=args.allocations.split(",") if args.allocations is not None else None,
         batch_size=args.batch_size,
     )
     if args.assistant is not None:
@@ -242,22 +259,22 @@ def cmd_eval(args) -> int:
     if note:
         raise UsageError(f"nothing to evaluate: {note}")
     summaries = evaluate(config, model, tokenizer, assistant, progress=not args.quiet, overwrite=args.overwrite)
-    print(f"{'method':<10} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7} {'failed':>6}")
+    print(f"{'method':<20} {'guide':<10} {'retention':>9} {'accuracy':>9} {'95% CI':>15} {'needle kept':>12} {'tokens':>7} {'failed':>6}")
     for s in summaries:
         if s["accuracy"] is None:
-            print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} {'-':>9} {'-':>15} {'-':>12} {'-':>7} {s['failed']:>6}")
+            print(f"{_run_label(s):<20} {s['guide']:<10} {s['retention']:>9g} {'-':>9} {'-':>15} {'-':>12} {'-':>7} {s['failed']:>6}")
             continue
         ci = f"[{100 * s['accuracy_ci95'][0]:.1f}, {100 * s['accuracy_ci95'][1]:.1f}]"
         kept = "-" if s["needle_survival"] is None else f"{100 * s['needle_survival']:.1f}%"
-        print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} {100 * s['accuracy']:>8.1f}% {ci:>15} {kept:>12} "
+        print(f"{_run_label(s):<20} {s['guide']:<10} {s['retention']:>9g} {100 * s['accuracy']:>8.1f}% {ci:>15} {kept:>12} "
               f"{s['mean_kept_tokens']:>7.1f} {s['failed']:>6}")
     kinds = sorted({k for s in summaries for k in (s.get("by_kind") or {})})
     if kinds:
         print("accuracy by question kind (%):")
-        print(f"{'method':<10} {'guide':<10} {'retention':>9} " + " ".join(f"{k:>8}" for k in kinds))
+        print(f"{'method':<20} {'guide':<10} {'retention':>9} " + " ".join(f"{k:>8}" for k in kinds))
         for s in summaries:
             by = s.get("by_kind") or {}
-            print(f"{s['method']:<10} {s['guide']:<10} {s['retention']:>9g} "
+            print(f"{_run_label(s):<20} {s['guide']:<10} {s['retention']:>9g} "
                   + " ".join(f"{100 * by[k]['accuracy']:>8.1f}" if k in by else f"{'-':>8}" for k in kinds))
     failed = {f["index"]: f["reason"] for s in summaries for f in s["failures"]}
     if failed:
@@ -293,11 +310,18 @@ def cmd_calibrate(args) -> int:
     folder = None if args.dry_run else (shipped_path(args.model) if args.model else model.name_or_path)
     if folder is not None:
         check_writable(folder)
-    result = calibrate(model, tokenizer, records, folder)
+    assistant = load_model(shipped_path(args.assistant))[0] if args.assistant else None
+    result = calibrate(model, tokenizer, records, folder, assistant)
     for row in result["prior"]["layers"]:
         print(f"layer {row['layer']:>2}: needle mass {row['needle_mass']:.3f} (uniform {row['uniform_share']:.3f}), "
               f"argmax hit {row['argmax_hit_rate']:.2f}, first+last {row['first_last_share']:.3f}")
     print(f"chosen guide layers: {result['guide_layers']}" + (f" (stored in {folder}/vidtok.json)" if folder else ""))
+    if assistant is not None:
+        a = result["agreement"]
+        spearman = "-" if a["spearman"] is None else f"{a['spearman']:.3f}"
+        print(f"assistant vs this model ({a['samples']} questions; assistant layers {a['assistant_layers']}, this model's {a['main_layers']}): "
+              f"rank correlation {spearman}, same top frame {100 * a['same_argmax']:.1f}%, "
+              f"{100 * a['top_overlap']:.1f}% of this model's top {a['top']} frames also in the assistant's")
     if plot:
         plot_prior(result["prior"], plot, Path(str(args.model or model.name_or_path)).name)
         print(f"wrote {plot}")
@@ -348,13 +372,16 @@ def cmd_synth(args) -> int:
 
         if args.needles is not None:
             raise UsageError("--needles sets the needle task's needle count; the events task always has three events")
+        if args.scene is not None:
+            raise UsageError("--scene keeps the needle task's clutter for k frames; the events task has its own backgrounds")
         # `is not None`: an empty --kinds is refused by event_samples, not taken for "the defaults"
         kinds = {"kinds": tuple(k.strip() for k in args.kinds.split(",")) if args.kinds.strip() else ()} if args.kinds is not None else {}
         path = write_event_split(args.out, args.seed, args.count, frames=args.frames or 32, **kinds)
     elif args.kinds is not None:
         raise UsageError("--kinds picks testbed v2's question kinds: use it with --task events")
     else:
-        path = write_split(args.out, args.seed, args.count, frames=args.frames or 16, needles=args.needles or 2)
+        path = write_split(args.out, args.seed, args.count, frames=args.frames or 16, needles=args.needles or 2,
+                           **({"scene": args.scene} if args.scene is not None else {}))
     print(f"wrote {args.count} videos and {path}")
     return 0
 
@@ -365,6 +392,9 @@ def _report(r) -> None:
         method = f"keyframe selection (guide: {r['guide']}, layers {r['guide_layers']}; {base} within a partly kept frame)"
     else:
         method = base + (f" + DyToK (guide: {r['guide']}, layers {r['guide_layers']})" if r["guide"] else "")
+        split = r.get("allocation", "uniform")
+        if split not in ("uniform", "proportional"):
+            method += f", {split} split" + (" (query-agnostic)" if not r["guide"] else "")
     print(f"question: {r['question']}")
     print(f"answer:   {r['answer']}")
     fastv = f", FastV layer {r['layer']} (same prefill FLOPs as retention {r['flops_retention']:.3f} before the LLM)" if r.get("layer") else ""
@@ -426,6 +456,8 @@ def _add_method_args(p, retention_default=None):
     p.add_argument("--guide-stride", type=_count,
                    help="the guide sees every k-th frame, the others weighted by interpolation (default 1: every frame)")
     p.add_argument("--seed", type=int, help="seed for --method random and for sampling (default 0)")
+    p.add_argument("--allocation", help="the per-frame split: uniform or uniqueness (query-agnostic, --guide none), proportional "
+                   "(DyToK), binary or mix[:W] (the prior's share W, default 0.5) with a guide (default: proportional with a guide)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -469,6 +501,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--guide-pool", type=_count, help="guided runs: the guide sees frames pooled k x k (default 1)")
     ev.add_argument("--guide-stride", type=_count, help="guided runs: the guide sees every k-th frame (default 1)")
     ev.add_argument("--layer", type=_count, help="FastV's layer (default 2)")
+    ev.add_argument("--allocations", help="comma-separated per-frame splits, each run where it fits: default (uniform without a guide, "
+                    "proportional with one), uniqueness (guide none), mix[:W], binary (guided)")
     ev.add_argument("--batch-size", type=_count, default=1,
                     help="records per generate() call (default 1); the results equal batch size 1's")
     ev.add_argument("--out", help="result folder (default runs/eval/<split>-<model>)")
@@ -483,6 +517,8 @@ def parser() -> argparse.ArgumentParser:
     cal.add_argument("--limit", type=_count)
     cal.add_argument("--plot", help="also write the per-layer prior as a PNG here")
     cal.add_argument("--dry-run", action="store_true", help="report only; do not write vidtok.json")
+    cal.add_argument("--assistant", help="also report how far this assistant's frame weights agree with the model's (rank correlation, "
+                     "shared top frames); a diagnostic, not stored")
     cal.set_defaults(func=cmd_calibrate)
 
     bench = sub.add_parser("bench", parents=[debug], help="time full vs compressed side by side: stages, TTFT, memory, FLOPs")
@@ -502,6 +538,8 @@ def parser() -> argparse.ArgumentParser:
                      help="needle: v1 (one-token needles, one frame each); events: v2 (multi-frame events, 2x2-token objects, five question kinds)")
     syn.add_argument("--frames", type=_count, help="frames per video (default 16 for needle, 32 for events)")
     syn.add_argument("--needles", type=_count, help="needle task: needles per video (default 2)")
+    syn.add_argument("--scene", type=_count, help="needle task: the clutter persists for runs of k frames, a needle changes one object "
+                     "of its frame (default 1: new clutter every frame)")
     syn.add_argument("--kinds", help="events task: question kinds in turn, comma-separated (default all five)")
     syn.set_defaults(func=cmd_synth)
     return p

@@ -106,3 +106,38 @@ def parse_layers(layers, num_layers: int) -> list[int]:
             raise ValueError(f"guide layer {layer} is outside the guide's {num_layers} layers; pick layers in 0..{num_layers - 1}")
         resolved.append(index)
     return sorted(set(resolved))
+
+
+def guide_agreement(assistant: torch.Tensor, main: torch.Tensor, top: int | None = None) -> dict:
+    """Does the assistant see what the main model sees? Two guides' unit weights [U] on the same
+    video and question -> {"spearman": rank correlation (average ranks for ties; None when either
+    is constant), "top_overlap": the share of the main model's `top` units (default U // 4, at
+    least 1; ties: lower index first) that the assistant also ranks among its `top`, "top": top,
+    "same_argmax": whether both put the most weight on the same unit}.
+
+    A peaked prior (one unit holding nearly all the weight) ranks the near-zero rest by noise: read
+    same_argmax and top_overlap beside the rank correlation."""
+    a, m = assistant.double().flatten(), main.double().flatten()
+    if a.shape != m.shape or a.numel() == 0:
+        raise ValueError(f"two guides' weights must cover the same units, got {tuple(assistant.shape)} and {tuple(main.shape)}")
+    units = a.numel()
+    top = max(1, units // 4) if top is None else top
+    if not 1 <= top <= units:
+        raise ValueError(f"top must be in 1..{units}, got {top}")
+
+    def ranks(x):
+        order = torch.sort(x, stable=True).indices
+        r = torch.empty(units, dtype=torch.float64)
+        r[order] = torch.arange(units, dtype=torch.float64)
+        for value in x.unique():  # ties share their average rank
+            tied = x == value
+            r[tied] = r[tied].mean()
+        return r
+
+    ra, rm = ranks(a), ranks(m)
+    da, dm = ra - ra.mean(), rm - rm.mean()
+    denominator = float((da.square().sum() * dm.square().sum()).sqrt())
+    spearman = None if denominator == 0 else float((da * dm).sum()) / denominator
+    best = lambda x: set(torch.sort(-x, stable=True).indices[:top].tolist())  # noqa: E731
+    first = lambda x: int(torch.sort(-x, stable=True).indices[0])  # noqa: E731
+    return {"spearman": spearman, "top_overlap": len(best(a) & best(m)) / top, "top": top, "same_argmax": first(a) == first(m)}

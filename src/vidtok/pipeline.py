@@ -18,7 +18,8 @@ from ._seam import drop_tokens, observe_attention
 from .budget import allocate_budgets, total_budget
 from .compressors import Composed, Compressor, DyToK, FastV, FrameSignals, Full
 from .compressors.fastv import fastv_keep
-from .importance import frame_weights, last_token_attention, last_token_attention_all_keys, spread_weights
+from .calibration import calibrated_layers
+from .importance import frame_weights, guide_agreement, last_token_attention, last_token_attention_all_keys, spread_weights
 from .models import adapter_for
 from .video import fingerprint
 
@@ -58,6 +59,8 @@ class Plan:
     batch_size: int = 1
     # several questions on one video in a batch: {"questions", "prefix_tokens" run once for all, "prompt_tokens" of this one}
     guide_shared: dict | None = None
+    # DyToK(compare=True): the main model's own prior beside the assistant's ({"spearman", "top_overlap", "top", "main_weights", "main_layers"})
+    guide_agreement: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -234,7 +237,7 @@ def _describe(method) -> tuple[Compressor, DyToK | None]:
         return method.base, method
     if isinstance(method, Compressor):
         return method, None
-    raise TypeError(f"method must be a compressor (Full, Uniform, Random, VisionZip, FastV, Composed) or DyToK(...), got {type(method).__name__}")
+    raise TypeError(f"method must be a compressor (Full, Uniform, Random, VisionZip, DiverseSelect, SegmentMerge, FastV, Composed) or DyToK(...), got {type(method).__name__}")
 
 
 def _stages(base: Compressor) -> tuple[Compressor, FastV | None]:
@@ -561,7 +564,7 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
     guide, layers = None, None
     if inline:
         layers = _inline_layers(dytok, fastv, adapter)
-    elif dytok is not None:  # check the guide and its layers before any work
+    elif dytok is not None and dytok.guide is not None:  # check the guide and its layers before any work
         guide = _guide_adapter(dytok, adapter)
         layers = guide.guide_layers(dytok.layers)
 
@@ -594,20 +597,29 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
                     dropping=llm_budget < vision_budget, compressing=vision_budget < num_frames * per_frame)
         if dytok is not None:
             if item["compressing"]:
-                dytok.budgets([1.0] * num_frames, vision_budget, per_frame)
+                dytok.budgets([1.0] * num_frames, vision_budget, per_frame, even=True)
             if item["dropping"]:
                 even = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
-                dytok.budgets([1.0] * num_frames, llm_budget, per_frame, available=even)
+                dytok.budgets([1.0] * num_frames, llm_budget, per_frame, available=even, even=True)
 
     _encode(adapter, items, encoder, sync)
 
     passes = {}
     for n, item in enumerate(items):
-        if dytok is not None and not inline and (item["compressing"] or item["dropping"]):
+        if dytok is not None and guide is not None and (item["compressing"] or item["dropping"]):
             passes[n] = _guide_pass(dytok, guide, adapter, layers, tokenizer, item["question"], item["pixels"], item["encoded"],
                                     item["timer"], item["cache"])
     if passes:
         _run_guide(dytok, guide, layers, list(passes.values()), _pad_id(tokenizer))
+    if passes and dytok.compare:  # the diagnostic: the main model's own prior on the same prompts
+        itself = dataclasses.replace(dytok, guide="self", layers=calibrated_layers(model), compare=False)
+        own_layers = adapter.guide_layers(itself.layers)
+        own = {n: _guide_pass(itself, adapter, adapter, own_layers, tokenizer, items[n]["question"], items[n]["pixels"],
+                              items[n]["encoded"], items[n]["timer"], items[n]["cache"]) for n in passes}
+        _run_guide(itself, adapter, own_layers, list(own.values()), _pad_id(tokenizer))
+        for n, p in own.items():
+            items[n]["agreement"] = {**guide_agreement(passes[n].weights, p.weights), "main_weights": [float(w) for w in p.weights],
+                                     "main_layers": own_layers}
     return [_finish(item, passes.get(n), adapter, tokenizer, base, dytok, encoder, fastv, inline, layers, len(items))
             for n, item in enumerate(items)]
 
@@ -647,8 +659,11 @@ def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, i
     num_frames, per_frame = item["units"], item["per_unit"]
     vision_budget, llm_budget, compressing, dropping = item["vision_budget"], item["llm_budget"], item["compressing"], item["dropping"]
     weights = None if guide_pass is None else guide_pass.weights
-    if weights is not None and compressing:
-        vision_budgets = dytok.budgets(weights.tolist(), vision_budget, per_frame)
+    # the split runs here with a guide pass's prior, or with none when it reads no guide (uniqueness)
+    split = dytok is not None and (weights is not None or dytok.guide is None)
+    prior = None if weights is None else weights.tolist()
+    if split and compressing:
+        vision_budgets = dytok.budgets(prior, vision_budget, per_frame, features=features)
     else:  # static, or nothing dropped before the LLM (FastV alone): DyToK's cap and floor shape FastV's split only
         vision_budgets = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
 
@@ -684,9 +699,10 @@ def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, i
         vision_retention=vision_budget / (num_frames * per_frame),
         flops_retention=vision_budget / (num_frames * per_frame),
         unit=adapter.unit,
-        allocation=dytok.allocation if dytok else "uniform",
+        allocation=str(dytok.allocation) if dytok else "uniform",
         batch_size=batch,
         guide_shared=None if guide_pass is None else guide_pass.shared,
+        guide_agreement=item.get("agreement"),
     )
     apply = nullcontext
     if fastv is not None:
@@ -699,8 +715,8 @@ def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, i
             plan.flops_retention = flops.equal_flops_retention(text_config, text_tokens, num_frames * per_frame, cost)
             plan.vision_budgets = vision_budgets
             budgets = None
-            if weights is not None:  # an assistant's or a self pass's prior: the same split, capped by what each frame has
-                budgets = dytok.budgets(weights.tolist(), llm_budget, per_frame, available=lengths)
+            if split:  # an assistant's or a self pass's prior, or a query-agnostic split: the same split, capped by what each frame has
+                budgets = dytok.budgets(prior, llm_budget, per_frame, available=lengths, features=features)
             plan.budgets, plan.kept, plan.visual_tokens_kept = budgets, None, None
             stage = _FastVStage(adapter, fastv, input_ids, lengths, kept, llm_budget, budgets, dytok, layers if inline else None, plan)
             apply = stage.apply

@@ -17,7 +17,7 @@ class Composed(Compressor):
     budgets split the same way, each frame capped at what the encoder left of it.
     """
 
-    encoder: Compressor | None = field(default=None, metadata={"help": "the encoder-side compressor (VisionZip, Uniform, Random)"})
+    encoder: Compressor | None = field(default=None, metadata={"help": "the encoder-side compressor (VisionZip, DiverseSelect, SegmentMerge, Uniform, Random)"})
     llm: FastV | None = field(default=None, metadata={"help": "the LLM-side compressor (FastV)"})
     retention: float = field(default=1.0, init=False, metadata={"help": "encoder retention x FastV retention"})
     name: ClassVar[str] = "composed"
@@ -25,7 +25,7 @@ class Composed(Compressor):
 
     def __post_init__(self):
         if not isinstance(self.encoder, Compressor) or self.encoder.side != "vision":
-            raise TypeError(f"Composed's encoder must be an encoder-side compressor (VisionZip, Uniform, Random), got {type(self.encoder).__name__}")
+            raise TypeError(f"Composed's encoder must be an encoder-side compressor (VisionZip, DiverseSelect, SegmentMerge, Uniform, Random), got {type(self.encoder).__name__}")
         if not isinstance(self.llm, FastV):
             raise TypeError(f"Composed's llm must be FastV(...), got {type(self.llm).__name__}")
         self.retention = self.encoder.retention * self.llm.retention
@@ -39,6 +39,9 @@ class Composed(Compressor):
 
     def select_frames(self, features, frames, budget, signals):
         return self.encoder.select_frames(features, frames, budget, signals)
+
+    def compress(self, features, budgets, signals=None):
+        return self.encoder.compress(features, budgets, signals)  # an encoder that merges across units has its own
 
     def __str__(self) -> str:
         return f"composed({self.encoder}, {self.llm})"

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..budget import allocate_budgets, check_retention, keyframe_budgets
+from ..allocation import Even, Keyframes, as_allocation
+from ..budget import check_retention
 from .base import Compressor
 
 
@@ -32,13 +33,20 @@ class DyToK:
         default=1,
         metadata={"help": "the guide sees every k-th frame (unit); the others get weights interpolated between them (1: all)"},
     )
-    allocation: str = field(
+    allocation: Any = field(
         default="proportional",
-        metadata={"help": '"proportional" (DyToK) or "binary": the top frames keep all their tokens, the rest none (a baseline)'},
+        metadata={"help": 'the per-unit split: "proportional" (DyToK), "binary" (the top frames whole, a baseline), "mix" '
+                          '(the prior mixed with uniqueness; Mix(w) sets the weight), or a query-agnostic "uniqueness" or '
+                          '"uniform" with guide=None; names or vidtok.allocation objects'},
     )
     share_vision: bool = field(
         default=True,
         metadata={"help": "reuse the main model's vision tower output when the assistant's tower has equal weights (checked once per pair)"},
+    )
+    compare: bool = field(
+        default=False,
+        metadata={"help": "with an assistant: also run the main model's own guide pass and report how far the two agree "
+                          "(plan.guide_agreement); a diagnostic that costs that pass"},
     )
     _shared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -46,12 +54,30 @@ class DyToK:
 
     def __post_init__(self):
         if not isinstance(self.base, Compressor):
-            raise TypeError(f"DyToK wraps a base compressor (VisionZip, Uniform, Random, ...), got {type(self.base).__name__}")
+            raise TypeError(f"DyToK wraps a base compressor (VisionZip, DiverseSelect, SegmentMerge, Uniform, Random, ...), got {type(self.base).__name__}")
         if self.retention is None:
             self.retention = self.base.retention
         check_retention(self.retention)
+        self.allocation = as_allocation(self.allocation)
+        if self.base.side == "both" and self.retention != self.base.retention:
+            raise ValueError(
+                f"a composed method's retention is its encoder's x FastV's ({self.base.retention:g}); "
+                f"leave DyToK's retention out (got {self.retention:g})"
+            )
+        if self.guide is None and self.allocation.needs_prior:
+            raise ValueError(f'guide must be "self" or an assistant model for the {self.allocation.name} split, got None; '
+                             'for static budgets use the base compressor alone, or a query-agnostic split '
+                             '(allocation="uniqueness") with guide=None')
+        if self.guide is not None and not self.allocation.needs_prior:
+            raise ValueError(f"the {self.allocation.name} split reads no guide (it is query-agnostic): pass guide=None, "
+                             'or pick a guided split (allocation="proportional" or "mix")')
+        if self.compare is not False and (self.compare is not True or isinstance(self.guide, str) or self.guide is None):
+            raise ValueError(f"compare=True sets an assistant's prior beside the main model's own: it needs an assistant guide "
+                             f"(guide={self.guide_name!r}) and a bool, got {self.compare!r}")
         if self.guide is None:
-            raise ValueError('guide must be "self" or an assistant model, got None; for static budgets use the base compressor alone')
+            if self.layers is not None or self.guide_pool != 1 or self.guide_stride != 1:
+                raise ValueError("layers, guide_pool and guide_stride shape a guide pass; with guide=None there is none: leave them out")
+            return self._check_budget_options()
         if isinstance(self.guide, (str, os.PathLike)) and self.guide not in ("self", "inline"):
             raise ValueError(
                 f'guide must be "self", "inline" or a loaded assistant model, got {self.guide!r}; '
@@ -72,42 +98,48 @@ class DyToK:
         if self.guide == "inline" and (self.guide_pool != 1 or self.guide_stride != 1):
             raise ValueError("guide_pool and guide_stride shape a separate guide pass; the inline prior reads the main prefill itself: "
                              "use guide_pool=1, guide_stride=1")
-        if self.base.side == "both" and self.retention != self.base.retention:
-            raise ValueError(
-                f"a composed method's retention is its encoder's x FastV's ({self.base.retention:g}); "
-                f"leave DyToK's retention out (got {self.retention:g})"
-            )
-        if self.cap is not None and (isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 1):
-            raise ValueError(f"cap must be a positive int or None, got {self.cap!r}")
-        if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:
-            raise ValueError(f"floor must be a non-negative int, got {self.floor!r}")
         if isinstance(self.guide_pool, bool) or not isinstance(self.guide_pool, int) or self.guide_pool < 1:
             raise ValueError(f"guide_pool must be a positive int, got {self.guide_pool!r}")
         if isinstance(self.guide_stride, bool) or not isinstance(self.guide_stride, int) or self.guide_stride < 1:
             raise ValueError(f"guide_stride must be a positive int, got {self.guide_stride!r}")
-        if self.allocation not in ("proportional", "binary"):
-            raise ValueError(f'allocation must be "proportional" or "binary", got {self.allocation!r}')
-        if self.allocation == "binary" and self.floor:
+        if self.guide == "inline" and self.allocation.needs_features:
+            raise ValueError(f"the {self.allocation.name} split reads the encoded video's features, which the inline prior "
+                             "(inside FastV's prefill) does not see: use guide=\"self\" or an assistant")
+        self._check_budget_options()
+
+    def _check_budget_options(self) -> None:
+        if self.cap is not None and (isinstance(self.cap, bool) or not isinstance(self.cap, int) or self.cap < 1):
+            raise ValueError(f"cap must be a positive int or None, got {self.cap!r}")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:
+            raise ValueError(f"floor must be a non-negative int, got {self.floor!r}")
+        if isinstance(self.allocation, Keyframes) and self.floor:
             raise ValueError("binary keyframe selection gives unselected frames nothing: a floor does not apply (use floor=0)")
 
     @property
-    def guide_name(self) -> str:
+    def guide_name(self) -> str | None:
+        if self.guide is None:
+            return None
         return self.guide if isinstance(self.guide, str) else "assistant"
 
-    def budgets(self, weights, total: int, tokens_per_frame: int, available: list[int] | None = None) -> list[int]:
-        """Per-frame budgets; `available`: what an earlier stage left of each frame (a further cap)."""
+    def budgets(self, weights, total: int, tokens_per_frame: int, available: list[int] | None = None, features=None, *,
+                even: bool = False) -> list[int]:
+        """Per-unit budgets from the guide's unit weights (the prior) and/or the encoded video's
+        features [U, T, D], as the allocation reads them; `available`: what an earlier stage left of
+        each unit (a further cap). `even`: the split's caps and floor with even weights (checks a
+        budget is possible before any pass has run)."""
         cap = tokens_per_frame if self.cap is None else self.cap
         if cap > tokens_per_frame:
             raise ValueError(f"cap {cap} exceeds the {tokens_per_frame} tokens a frame has; use a cap <= {tokens_per_frame}")
         caps = cap if available is None else [min(cap, a) for a in available]
-        if self.allocation == "binary":
-            return keyframe_budgets(weights, total, caps)
-        if available is None:
-            return allocate_budgets(weights, total, cap, self.floor)
-        return allocate_budgets(weights, total, caps, min(self.floor, min(available)))
+        floor = self.floor if available is None else min(self.floor, min(available))
+        if even:
+            return Even().split(total, caps, prior=weights, floor=floor)
+        return self.allocation.split(total, caps, prior=weights, features=features, floor=floor)
 
     def __str__(self) -> str:
         pool = f", guide_pool={self.guide_pool}" if self.guide_pool != 1 else ""
         pool += f", guide_stride={self.guide_stride}" if self.guide_stride != 1 else ""
-        binary = ", allocation=binary" if self.allocation == "binary" else ""
-        return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers}{pool}{binary})"
+        split = f", allocation={self.allocation}" if self.allocation.name != "proportional" else ""
+        if self.guide is None:
+            return f"dytok({self.base}, retention={self.retention:g}, guide=None{split})"
+        return f"dytok({self.base}, retention={self.retention:g}, guide={self.guide_name}, layers={self.layers}{pool}{split})"

@@ -46,6 +46,9 @@ OPTIONS: tuple[Option, ...] = (
            lambda m, g: _guided(g) and m != "keyframe"),
     Option("guide_pool", "the guide's pooled view of each unit", "guide self or assistant", lambda m, g: _separate_guide_pass(g)),
     Option("guide_stride", "the guide's view of every k-th unit", "guide self or assistant", lambda m, g: _separate_guide_pass(g)),
+    # which split fits which guide (uniqueness without one, mix with one, ...) is a value check of build_method's
+    Option("allocation", "how the budget is split across units: uniform, proportional, binary, uniqueness, mix[:W]",
+           "every method but full (uniform, uniqueness: guide none; proportional, binary, mix: a guide)", lambda m, g: m != "full"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

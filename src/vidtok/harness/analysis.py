@@ -84,7 +84,7 @@ def best_range(weights: list[torch.Tensor], records, layer_ids=None) -> tuple[li
     return layer_ids[a : b + 1], scores
 
 
-def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> dict:
+def calibrate(model, tokenizer, records, folder: str | Path | None = None, assistant=None) -> dict:
     from ..calibration import CALIBRATION_FILE
 
     if not records:  # an empty split lacks questions, not labels: say which
@@ -103,9 +103,43 @@ def calibrate(model, tokenizer, records, folder: str | Path | None = None) -> di
     ids = adapter.attention_layers
     layers, scores = best_range(weights, records, ids)
     result = {"guide_layers": layers, "range_scores": scores, "prior": prior_report(weights, records, ids)}
+    if assistant is not None:  # a diagnostic beside the calibration, not part of what is stored
+        result_agreement = agreement(model, assistant, tokenizer, records, layers, weights)
     if folder is not None:
         Path(folder, CALIBRATION_FILE).write_text(json.dumps(result, indent=1))
+    if assistant is not None:
+        result["agreement"] = result_agreement
     return result
+
+
+def agreement(model, assistant, tokenizer, records, main_layers, weights=None) -> dict:
+    """Does the assistant see what the main model sees? Per record, both guides' unit weights (the
+    main model at `main_layers`, the assistant at its calibrated layers, else its last third) on
+    the same video and question, compared by `guide_agreement`; means over the records.
+    `weights`: the main model's per-layer weights when already computed (layer_frame_weights)."""
+    from ..calibration import calibrated_layers
+    from ..importance import guide_agreement
+    from ..models import adapter_for
+
+    main, helper = adapter_for(model), adapter_for(assistant)
+    if main.layout() != helper.layout():
+        raise ValueError("the assistant does not match the main model's family, tokenizer and frame layout; pass an assistant of the same family")
+    assistant_layers = helper.guide_layers(calibrated_layers(assistant))
+    main_weights = weights if weights is not None else layer_frame_weights(model, tokenizer, records)
+    helper_weights = layer_frame_weights(assistant, tokenizer, records)
+    pick = lambda w, ids, chosen: w[[ids.index(layer) for layer in chosen]].mean(0)  # noqa: E731
+    rows = [guide_agreement(pick(h, helper.attention_layers, assistant_layers), pick(m, main.attention_layers, main_layers))
+            for m, h in zip(main_weights, helper_weights)]
+    spearman = [r["spearman"] for r in rows if r["spearman"] is not None]
+    return {
+        "samples": len(rows),
+        "main_layers": list(main_layers),
+        "assistant_layers": assistant_layers,
+        "spearman": sum(spearman) / len(spearman) if spearman else None,
+        "top": rows[0]["top"],
+        "top_overlap": sum(r["top_overlap"] for r in rows) / len(rows),
+        "same_argmax": sum(r["same_argmax"] for r in rows) / len(rows),
+    }
 
 
 def plot_prior(report: dict, path: str | Path, title: str) -> None:

@@ -92,7 +92,7 @@ FAMILIES = ("llava_onevision", "qwen2_5_vl")
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = "cpu, cuda, cuda:N or auto"
 DEVICE_PATTERN = r"cpu|auto|cuda(:\d+)?"
-RUN_KEYS = ("method", "guide", "retentions", "guide_pool", "guide_stride", "layers", "layer")
+RUN_KEYS = ("method", "guide", "retentions", "guide_pool", "guide_stride", "layers", "layer", "allocation")
 TEXT_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # the whole-number sizes of a geometry; transformers takes any value for them and fails only once the model is built
 SIZES = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
@@ -337,7 +337,7 @@ def _check_runs(check: _Check, runs, main: dict, guide: dict | None) -> None:
         try:
             for retention in retentions:
                 build_method(method, retention, "self" if guide_name == "assistant" else guide_name, guide_pool=pool, layer=layer,
-                             guide_stride=stride)
+                             guide_stride=stride, allocation=run.get("allocation"))
         except ValueError as error:
             raise ValueError(f"{at} in {check.source}: {error}") from None
 
@@ -485,6 +485,7 @@ def expand_runs(config: BenchConfig) -> list[dict]:
                     "guide_stride": run.get("guide_stride", 1),
                     "layers": run.get("layers"),
                     "layer": run.get("layer", 2),  # FastV's layer (unused by the other methods)
+                    **({"allocation": run["allocation"]} if run.get("allocation") is not None else {}),
                 }
             )
     if not any(r["method"] == "full" for r in rows):
@@ -499,7 +500,7 @@ def _method(row, assistant):
 
     retention = None if row["method"] == "full" else row["retention"]
     return build_method(row["method"], retention, row["guide"], assistant, row["layers"], guide_pool=row["guide_pool"], layer=row.get("layer", 2),
-                        guide_stride=row["guide_stride"])
+                        guide_stride=row["guide_stride"], allocation=row.get("allocation"))
 
 
 @torch.no_grad()

@@ -37,6 +37,8 @@ class EvalConfig:
     guide_pool: int | None = field(default=None, metadata={"help": "guided runs: the guide sees frames pooled k x k (default 1)"})
     guide_stride: int | None = field(default=None, metadata={"help": "guided runs: the guide sees every k-th frame (default 1)"})
     layer: int | None = field(default=None, metadata={"help": "FastV's layer K (default 2)"})
+    # None: each guide's default split (uniform without a guide, proportional with one); "default" names it in a list
+    allocations: list[str] | None = field(default=None, metadata={"help": "per-unit splits: default, uniqueness, mix[:W], binary, ..."})
     # not part of a result's identity: a batch answers as its items would one at a time
     batch_size: int = field(default=1, metadata={"help": "records answered per generate() call"})
 
@@ -61,6 +63,19 @@ class EvalConfig:
         if "inline" in self.guides and "fastv" not in self.methods:
             raise ValueError("the inline guide reads the main model's attention before FastV drops tokens: add fastv to the methods")
         check_layers_format(self.layers)
+        if self.allocations is not None:
+            from ..allocation import as_allocation
+
+            if not self.allocations:
+                raise ValueError("allocations is empty: name at least one split (default, uniqueness, mix, ...) or leave it out")
+            for name in self.allocations:
+                if name != "default":
+                    as_allocation(name)
+            unused = [a for a in self.allocations if not any(run[5] == (None if a == "default" else a) for run in configurations(self))]
+            if unused:
+                raise ValueError(f"the split {unused[0]!r} fits none of the guides {self.guides} and methods {self.methods} "
+                                 "(uniform, uniqueness: guide none; proportional, binary, mix: guide self or assistant; "
+                                 "inline: proportional, binary); add a guide it fits or drop it")
         given = [name for name in ("layers", "seed", "guide_pool", "guide_stride", "layer") if getattr(self, name) is not None]
         check_options(given, [(run[0], run[1]) for run in configurations(self)])
         for name, value in (("seed", 0), ("guide_pool", 1), ("guide_stride", 1), ("layer", 2)):
@@ -96,9 +111,25 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     return (0.0 if correct == 0 else max(0.0, centre - half), 1.0 if correct == total else min(1.0, centre + half))
 
 
-def configurations(config: EvalConfig) -> list[tuple[str, str, float, int, int]]:
-    """(method, guide, retention, guide_pool, guide_stride) per configuration, full first."""
-    runs = [("full", "none", 1.0, 1, 1)]
+def _fits(allocation: str | None, method: str, guide: str) -> bool:
+    """Whether a named split (None: the guide's default) applies to a method and guide."""
+    if allocation is None:
+        return True
+    from ..allocation import as_allocation
+
+    split = as_allocation(allocation)
+    if method == "keyframe":
+        return False
+    if guide == "inline":
+        return split.name in ("proportional", "binary")
+    return split.needs_prior == (guide != "none")
+
+
+def configurations(config: EvalConfig) -> list[tuple[str, str, float, int, int, str | None]]:
+    """(method, guide, retention, guide_pool, guide_stride, allocation) per configuration, full first;
+    allocation None: the guide's default split."""
+    runs = [("full", "none", 1.0, 1, 1, None)]
+    allocations = [None if a == "default" else a for a in (config.allocations or ["default"])]
     for method in config.methods:
         if method == "full":
             continue
@@ -107,15 +138,19 @@ def configurations(config: EvalConfig) -> list[tuple[str, str, float, int, int]]
                 continue
             if method == "keyframe" and guide in ("none", "inline"):  # selection needs a guide pass's frame weights
                 continue
-            for retention in config.retentions:
-                view = (1, 1) if guide == "none" else (config.guide_pool, config.guide_stride)
-                runs.append((method, guide, retention, *view))
+            for allocation in allocations:
+                if not _fits(allocation, method, guide):
+                    continue
+                for retention in config.retentions:
+                    view = (1, 1) if guide == "none" else (config.guide_pool, config.guide_stride)
+                    runs.append((method, guide, retention, *view, allocation))
     return runs
 
 
-def run_name(method: str, guide: str, retention: float, guide_pool: int = 1, guide_stride: int = 1) -> str:
+def run_name(method: str, guide: str, retention: float, guide_pool: int = 1, guide_stride: int = 1, allocation: str | None = None) -> str:
     view = (f"-pool{guide_pool}" if guide_pool != 1 else "") + (f"-stride{guide_stride}" if guide_stride != 1 else "")
-    return f"{method}-{guide}{view}-r{retention:g}"
+    split = "" if allocation is None else "-" + allocation.replace(":", "")
+    return f"{method}-{guide}{view}{split}-r{retention:g}"
 
 
 class ResultMismatchError(ValueError):
@@ -160,11 +195,16 @@ def split_file(split) -> Path:
     return path / "questions.jsonl" if path.is_dir() else path
 
 
+def split_name(method) -> str:
+    """The per-unit split a built method runs: its DyToK allocation, else uniform."""
+    return str(method.allocation) if hasattr(method, "allocation") else "uniform"
+
+
 def run_identity(run, method, config: EvalConfig, split_sha256: str, model_id: dict, tokenizer_id: str, assistant_id, layers) -> dict:
     """Everything that decides a configuration's numbers; a stored result is reused only when equal."""
     from .. import __version__
 
-    name, guide, retention, pool, stride = run
+    name, guide, retention, pool, stride, allocation = run
     return {
         "vidtok": __version__,
         "split_sha256": split_sha256,
@@ -174,6 +214,7 @@ def run_identity(run, method, config: EvalConfig, split_sha256: str, model_id: d
         "retention": retention,
         "guide_pool": pool,
         **({"guide_stride": stride} if stride != 1 else {}),  # absent at 1: identities written before it still match
+        **({"allocation": split_name(method)} if allocation is not None else {}),  # absent by default, as above
         "guide_layers": layers,
         "seed": config.seed if name == "random" else None,  # only the random compressor draws
         "description": str(method),
@@ -346,11 +387,11 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
 
     methods, states = {}, {}
     for run in runs:
-        method, guide, retention, pool, stride = run
+        method, guide, retention, pool, stride, allocation = run
         guide_model = assistant if guide == "assistant" else model
         layers = config.layers if config.layers is not None else default_guide_layers(guide, model, assistant, config.layer)
         methods[run] = build_method(method, None if method == "full" else retention, guide, assistant, layers, seed=config.seed,
-                                    guide_pool=pool, layer=config.layer, guide_stride=stride)
+                                    guide_pool=pool, layer=config.layer, guide_stride=stride, allocation=allocation)
         guide_adapter = adapter_for(guide_model)
         if guide == "inline" and layers is None:  # every attention layer below FastV's
             layers = [layer for layer in guide_adapter.attention_layers if layer < config.layer]
@@ -552,7 +593,7 @@ def _scored(head: dict, record: dict, result, frames_per_unit: int) -> dict:
 
 
 def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict:
-    name, guide, retention, pool, stride = run
+    name, guide, retention, pool, stride, allocation = run
     rows = [state.rows[i] for i in range(total)]
     samples = [r for r in rows if "failed" not in r]
     failed = [{"index": r["index"], "id": r.get("id"), "reason": r["failed"]} for r in rows if "failed" in r]
@@ -565,6 +606,7 @@ def _summarise(run, method, state: _Run, total: int, config: EvalConfig) -> dict
         "retention": retention,
         "guide_pool": pool,
         "guide_stride": stride,
+        "allocation": None if allocation is None else split_name(method),
         "description": str(method),
         "guide_layers": state.identity["guide_layers"],
         "samples": n,
@@ -609,16 +651,17 @@ def plot_by_kind(summaries: list[dict], path: Path) -> None:
     summaries = [s for s in summaries if s.get("by_kind")]
     kinds = sorted({k for s in summaries for k in s["by_kind"]})
     fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 4), squeeze=False)
-    groups = sorted({(s["method"], s["guide"]) for s in summaries if s["method"] != "full"})
+    groups = sorted({(s["method"], s["guide"], s.get("allocation") or "") for s in summaries if s["method"] != "full"})
     for ax, kind in zip(axes[0], kinds):
         for s in summaries:
             if s["method"] == "full" and kind in s["by_kind"]:
                 ax.axhline(100 * s["by_kind"][kind]["accuracy"], color="black", linestyle=":", label="full")
-        for i, (method, guide) in enumerate(groups):
+        for i, (method, guide, split) in enumerate(groups):
             pts = sorted((s["retention"], s["by_kind"][kind]) for s in summaries
-                         if (s["method"], s["guide"]) == (method, guide) and kind in s["by_kind"])
+                         if (s["method"], s["guide"], s.get("allocation") or "") == (method, guide, split) and kind in s["by_kind"])
             xs = [100 * r for r, _ in pts]
             label = {"keyframe": "keyframe selection"}.get(method, method) + ("" if guide == "none" else f" ({guide})")
+            label += f", {split} split" if split else ""
             ax.plot(xs, [100 * k["accuracy"] for _, k in pts], "o-", color=f"C{i}", label=label)
             ax.fill_between(xs, [100 * k["accuracy_ci95"][0] for _, k in pts], [100 * k["accuracy_ci95"][1] for _, k in pts],
                             color=f"C{i}", alpha=0.08)
@@ -651,12 +694,12 @@ def plot_accuracy(summaries: list[dict], path: Path) -> None:
     styles = {"none": "--", "self": "-", "assistant": "-."}
     colours = {"visionzip": "tab:blue", "uniform": "tab:orange", "random": "tab:gray"}
     def view(s):
-        return s["method"], s["guide"], s.get("guide_pool", 1), s.get("guide_stride", 1)
+        return s["method"], s["guide"], s.get("guide_pool", 1), s.get("guide_stride", 1), s.get("allocation") or ""
 
     groups = sorted({view(s) for s in summaries if s["method"] != "full"})
-    for method, guide, pool, stride in groups:
+    for n, (method, guide, pool, stride, split) in enumerate(groups):
         pts = sorted(
-            ((s["retention"], s) for s in summaries if view(s) == (method, guide, pool, stride)),
+            ((s["retention"], s) for s in summaries if view(s) == (method, guide, pool, stride, split)),
             key=lambda p: p[0],
         )
         xs = [100 * r for r, _ in pts]
@@ -665,8 +708,11 @@ def plot_accuracy(summaries: list[dict], path: Path) -> None:
         hi = [100 * s["accuracy_ci95"][1] for _, s in pts]
         seen = (f", guide pool {pool}" if pool != 1 else "") + (f", guide stride {stride}" if stride != 1 else "")
         label = method if guide == "none" else f"{method} + DyToK ({guide}{seen})"
-        ax.plot(xs, ys, styles.get(guide, "-"), marker="o", color=colours.get(method), label=label)
-        ax.fill_between(xs, lo, hi, color=colours.get(method), alpha=0.08)
+        label += f", {split} split" if split else ""
+        # a split other than the default gets its own colour: it shares its method's otherwise
+        colour = colours.get(method) if not split else f"C{(n + 3) % 10}"
+        ax.plot(xs, ys, styles.get(guide, "-"), marker="o", color=colour, label=label)
+        ax.fill_between(xs, lo, hi, color=colour, alpha=0.08)
     ax.set_xscale("log", base=2)
     ticks = sorted({100 * s["retention"] for s in summaries if s["method"] != "full"})
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])

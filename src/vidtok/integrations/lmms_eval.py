@@ -33,6 +33,17 @@ class ModelArgsError(SystemExit):
         super().__init__(f"vidtok (lmms-eval --model_args): {message}")
 
 
+def _default_guide(args) -> str:
+    """none for full and a query-agnostic split, else the assistant when one is given, else self."""
+    from ..allocation import as_allocation
+
+    try:
+        agnostic = args.allocation is not None and not as_allocation(args.allocation).needs_prior
+    except ValueError as error:
+        raise ModelArgsError(f"allocation={args.allocation!r}: {error}") from None
+    return "none" if args.method == "full" or agnostic else "assistant" if args.assistant else "self"
+
+
 @dataclass
 class ModelArgs:
     """Every `--model_args` key the vidtok lmms-eval model accepts."""
@@ -51,6 +62,7 @@ class ModelArgs:
     seed: int = field(default=0, metadata={"help": "seed of method=random"})
     guide_pool: int = field(default=1, metadata={"help": "the guide sees frames average-pooled k x k"})
     guide_stride: int = field(default=1, metadata={"help": "the guide sees every k-th frame"})
+    allocation: str | None = field(default=None, metadata={"help": "per-frame split: uniform, uniqueness (guide=none), proportional, binary, mix or mix:W (guided)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (this rank's GPU when there is one)"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
     max_new_tokens: int = field(default=32, metadata={"help": "used when the task gives none"})
@@ -80,7 +92,7 @@ class ModelArgs:
 
         need(self.method in METHODS, f"method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         need(self.guide is None or self.guide in GUIDES, f"guide={self.guide!r} is unknown; choose one of {', '.join(GUIDES)}")
-        guide = self.guide or ("none" if self.method == "full" else "assistant" if self.assistant else "self")  # as __init__ resolves it
+        guide = self.guide or _default_guide(self)  # as __init__ resolves it
         try:  # the table run, eval and bench share: an option for a method it does not shape is refused
             check_options(given, [(self.method, guide)], spell=lambda option: f"{option.name}=")
         except ValueError as error:
@@ -107,6 +119,13 @@ class ModelArgs:
                 raise ModelArgsError(
                     f"cannot read layers {str(self.layers)!r}: write a range 'A-B' (inclusive) or a list 'A;B;C' (lmms-eval splits --model_args at commas)"
                 ) from None
+        if self.allocation is not None:
+            from ..allocation import as_allocation
+
+            try:
+                as_allocation(self.allocation)
+            except ValueError as error:
+                raise ModelArgsError(f"allocation={self.allocation!r}: {error}") from None
         self._check_plan_log()
         need(isinstance(self.layer, int) and not isinstance(self.layer, bool) and self.layer >= 1, f"layer={self.layer!r} must be a positive integer (FastV's layer)")
         need(self.guide != "inline" or "fastv" in self.method, "guide=inline reads the main model's attention before FastV drops tokens: use method=fastv")
@@ -266,7 +285,7 @@ class VidtokLMM(_base()):
         model, self.tokenizer = _load(args.pretrained)
         self.model = model.to(self._device, dtype).eval()
         assistant = None
-        guide = args.guide or ("none" if args.method == "full" else "assistant" if args.assistant else "self")
+        guide = args.guide or _default_guide(args)
         if args.assistant is not None:
             assistant, assistant_tokenizer = _load(args.assistant)
             if assistant_tokenizer.get_vocab() != self.tokenizer.get_vocab():
@@ -275,7 +294,8 @@ class VidtokLMM(_base()):
         layers = args.layer_spec if args.layer_spec is not None else default_guide_layers(guide, self.model, assistant, args.layer)
         try:
             self.method = build_method(args.method, args.retention, guide, assistant, layers, args.cap, args.floor, args.seed, args.guide_pool,
-                                       layer=args.layer, vision_retention=args.vision_retention, guide_stride=args.guide_stride)
+                                       layer=args.layer, vision_retention=args.vision_retention, guide_stride=args.guide_stride,
+                                       allocation=args.allocation)
         except (TypeError, ValueError) as error:
             raise ModelArgsError(str(error)) from None
         _check_fits(args, guide, layers, self.model, assistant)

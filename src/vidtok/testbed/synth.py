@@ -5,6 +5,10 @@ appear exactly once in the whole video sit in different frames. The question nam
 colour ("what shape is red ?"), so only the question tells which frame matters: no
 query-agnostic method can know. Objects are 16x16 px, aligned to one cell of the 4x4 token grid
 a 64-px frame becomes in LLaVA-OneVision (8-px patches, pooled 2x), so each needle is one token.
+
+With `scene=k` the clutter persists: it is drawn once per run of k frames and repeated unchanged,
+and a needle replaces one clutter object in its frame only. Neighbouring frames then repeat most of
+their tokens (what temporal merging removes), while the needle is the one token that changes.
 """
 
 from __future__ import annotations
@@ -56,11 +60,13 @@ class Sample:
     labels: np.ndarray | None = None  # int [F, cells, 2]: (colour + 1, shape + 1) per cell, 0 = empty
 
 
-def make_sample(rng: np.random.Generator, frames: int = 16, size: int = 64, needles: int = 2, clutter=(6, 10)) -> Sample:
+def make_sample(rng: np.random.Generator, frames: int = 16, size: int = 64, needles: int = 2, clutter=(6, 10), scene: int = 1) -> Sample:
     grid = size // CELL
     cells = grid * grid
     if needles > len(COLOURS) - 1 or needles > frames:
         raise ValueError(f"{needles} needles need distinct frames and colours")
+    if isinstance(scene, bool) or not isinstance(scene, int) or scene < 1:
+        raise ValueError(f"scene must be a whole number of frames >= 1, got {scene!r}")
     colours = rng.permutation(len(COLOURS))
     needle_colours = [COLOURS[i] for i in colours[:needles]]
     clutter_colours = [COLOURS[i] for i in colours[needles:]]
@@ -68,14 +74,31 @@ def make_sample(rng: np.random.Generator, frames: int = 16, size: int = 64, need
     needle_frames = rng.choice(frames, size=needles, replace=False)
     placed = []
     labels = np.zeros((frames, cells, 2), dtype=np.int64)
+    layout = []
     for f in range(frames):
-        count = int(rng.integers(clutter[0], clutter[1] + 1))
-        slots = rng.permutation(cells)[:count]
+        hosting = [i for i in range(needles) if needle_frames[i] == f]
+        if scene == 1:  # v1's draw, unchanged: a needle takes one of the frame's first slots
+            count = int(rng.integers(clutter[0], clutter[1] + 1))
+            slots = rng.permutation(cells)[:count]
+            objects = [None] * len(slots)
+        else:
+            if f % scene == 0:  # a new scene: its clutter, kept for `scene` frames
+                count = int(rng.integers(clutter[0], clutter[1] + 1))
+                slots = rng.permutation(cells)[:count]
+                layout = [(clutter_colours[int(rng.integers(len(clutter_colours)))], SHAPES[int(rng.integers(len(SHAPES)))]) for _ in slots]
+            slots = slots.copy()
+            if hosting:  # the needles replace randomly chosen objects of this frame only
+                order = rng.permutation(len(slots))
+                slots = np.concatenate([slots[order[: len(hosting)]], np.delete(slots, order[: len(hosting)])])
+                objects = [None] * len(hosting) + [layout[i] for i in np.delete(np.arange(len(layout)), order[: len(hosting)])]
+            else:
+                objects = list(layout)
         for k, slot in enumerate(slots):
-            hosting = [i for i in range(needles) if needle_frames[i] == f]
             if k < len(hosting):
                 colour, shape = needle_colours[hosting[k]], SHAPES[int(rng.integers(len(SHAPES)))]
                 placed.append({"colour": colour, "shape": shape, "frame": f, "token": int(slot), "index": hosting[k]})
+            elif objects[k] is not None:
+                colour, shape = objects[k]
             else:
                 colour = clutter_colours[int(rng.integers(len(clutter_colours)))]
                 shape = SHAPES[int(rng.integers(len(SHAPES)))]
