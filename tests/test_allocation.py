@@ -223,3 +223,90 @@ def test_eval_records_the_split_and_keeps_default_identities(model, tokenizer, t
     alone = vidtok.generate(model, tokenizer, str(split / json.loads((split / "questions.jsonl").read_text().splitlines()[0])["video"]),
                             rows[0]["question"], DyToK(VisionZip(0.25), guide=None, allocation="uniqueness"), frames=16, max_new_tokens=2)
     assert rows[0]["budgets"] == alone.plan.budgets
+
+
+# --- does the assistant see what the main model sees? --------------------------------------------
+
+def reference_agreement(a, m, top):
+    """Spearman from average ranks written out, and the top sets by sorting (ties: lower index)."""
+    def ranks(x):
+        r = [0.0] * len(x)
+        for i, v in enumerate(x):
+            below = sum(1 for w in x if w < v)
+            equal = sum(1 for w in x if w == v)
+            r[i] = below + (equal - 1) / 2
+        return r
+    ra, rm = ranks(a), ranks(m)
+    ma, mm = sum(ra) / len(ra), sum(rm) / len(rm)
+    num = sum((x - ma) * (y - mm) for x, y in zip(ra, rm))
+    den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mm) ** 2 for y in rm))
+    best = lambda x: set(sorted(range(len(x)), key=lambda i: (-x[i], i))[:top])  # noqa: E731
+    return (None if den == 0 else num / den), len(best(a) & best(m)) / top
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda n: st.tuples(st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]), min_size=n, max_size=n),
+                                                       st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0]), min_size=n, max_size=n),
+                                                       st.integers(1, n))))
+def test_guide_agreement_equals_the_reference(case):
+    from vidtok.importance import guide_agreement
+
+    a, m, top = case
+    ours = guide_agreement(torch.tensor(a), torch.tensor(m), top)
+    spearman, overlap = reference_agreement(a, m, top)
+    assert (ours["spearman"] is None) == (spearman is None)
+    if spearman is not None:
+        assert ours["spearman"] == pytest.approx(spearman, abs=1e-9)
+    assert ours["top_overlap"] == pytest.approx(overlap) and ours["top"] == top
+    assert ours["same_argmax"] == (max(range(len(a)), key=lambda i: (a[i], -i)) == max(range(len(m)), key=lambda i: (m[i], -i)))
+
+
+def test_compare_reports_the_main_models_own_prior_beside_the_assistants(model, assistant, tokenizer, pixels):
+    from vidtok.importance import guide_agreement
+
+    question = "what colour is the square?"
+    before = snapshot(model), snapshot(assistant)
+    plan = vidtok.generate(model, tokenizer, pixels, question, DyToK(VisionZip(0.25), guide=assistant, compare=True), max_new_tokens=2).plan
+    assert_unchanged(model, before[0])
+    assert_unchanged(assistant, before[1])
+    own = vidtok.generate(model, tokenizer, pixels, question, DyToK(VisionZip(0.25), guide="self"), max_new_tokens=2).plan
+    alone = vidtok.generate(model, tokenizer, pixels, question, DyToK(VisionZip(0.25), guide=assistant), max_new_tokens=2).plan
+    agreement = plan.guide_agreement
+    assert agreement["main_weights"] == pytest.approx(own.frame_weights, abs=1e-6) and agreement["main_layers"] == own.guide_layers
+    assert plan.frame_weights == alone.frame_weights and plan.budgets == alone.budgets  # the diagnostic changes nothing it reports on
+    expected = guide_agreement(torch.tensor(plan.frame_weights), torch.tensor(own.frame_weights))
+    assert {k: agreement[k] for k in expected} == pytest.approx(expected)
+    assert alone.guide_agreement is None
+    with pytest.raises(ValueError, match="needs an assistant guide"):
+        DyToK(VisionZip(0.25), guide="self", compare=True)
+
+
+def test_calibrate_reports_the_agreement_of_a_pair(tmp_path, capsys):
+    write_split(tmp_path / "s", seed=7, count=6)
+    assert main(["calibrate", str(tmp_path / "s"), "--model", "toy-main", "--assistant", "toy-assistant", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "assistant vs this model (6 questions; assistant layers [" in out and "same top frame" in out
+    assert main(["calibrate", str(tmp_path / "s"), "--model", "toy-main", "--assistant", "toy-qwen2.5-vl-assistant", "--dry-run"]) == 2
+    assert "same family" in capsys.readouterr().err
+
+
+def test_the_scene_split_repeats_its_clutter_and_changes_only_the_needle():
+    import numpy as np
+
+    from vidtok.testbed.synth import make_sample
+
+    plain = make_sample(np.random.default_rng(5))
+    assert (plain.frames == make_sample(np.random.default_rng(5), scene=1).frames).all()  # v1 unchanged
+    sample = make_sample(np.random.default_rng(5), frames=16, scene=4)
+    hosts = {}
+    for n in sample.needles:
+        hosts.setdefault(n["frame"], set()).add(n["token"])
+    for start in range(0, 16, 4):
+        plain_frames = [f for f in range(start, start + 4) if f not in hosts]
+        background = sample.labels[plain_frames[0]]  # a scene of 4 frames holds at most 2 needles
+        for f in range(start, start + 4):
+            changed = {int(c) for c in np.flatnonzero((sample.labels[f] != background).any(-1))}
+            assert changed == hosts.get(f, set()), f
+            assert (sample.labels[f][list(hosts.get(f, []))] != 0).all()  # a needle replaces an object, never an empty cell
+    with pytest.raises(ValueError, match="scene must be a whole number"):
+        make_sample(np.random.default_rng(0), scene=0)

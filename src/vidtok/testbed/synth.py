@@ -84,9 +84,9 @@ def make_sample(rng: np.random.Generator, frames: int = 16, size: int = 64, need
         else:
             if f % scene == 0:  # a new scene: its clutter, kept for `scene` frames
                 count = int(rng.integers(clutter[0], clutter[1] + 1))
-                slots = rng.permutation(cells)[:count]
-                layout = [(clutter_colours[int(rng.integers(len(clutter_colours)))], SHAPES[int(rng.integers(len(SHAPES)))]) for _ in slots]
-            slots = slots.copy()
+                scene_slots = rng.permutation(cells)[:count]
+                layout = [(clutter_colours[int(rng.integers(len(clutter_colours)))], SHAPES[int(rng.integers(len(SHAPES)))]) for _ in scene_slots]
+            slots = scene_slots
             if hosting:  # the needles replace randomly chosen objects of this frame only
                 order = rng.permutation(len(slots))
                 slots = np.concatenate([slots[order[: len(hosting)]], np.delete(slots, order[: len(hosting)])])
