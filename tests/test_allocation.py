@@ -310,3 +310,20 @@ def test_the_scene_split_repeats_its_clutter_and_changes_only_the_needle():
             assert (sample.labels[f][list(hosts.get(f, []))] != 0).all()  # a needle replaces an object, never an empty cell
     with pytest.raises(ValueError, match="scene must be a whole number"):
         make_sample(np.random.default_rng(0), scene=0)
+
+
+def test_a_base_asking_for_a_signal_the_family_cannot_give_is_refused_before_any_work(model, tokenizer, pixels):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass
+    class ClsBase(vidtok.Uniform):  # a base reading a [CLS] token's attention: no supported family has one
+        name: ClassVar[str] = "cls-attention"
+        signals: ClassVar[tuple] = ("cls_attention",)
+
+    before = snapshot(model)
+    for method in (ClsBase(0.25), DyToK(ClsBase(0.25), guide="self")):
+        with pytest.raises(ValueError, match="reads the vision tower's cls_attention, which vidtok's llava_onevision adapter does not give"):
+            vidtok.generate(model, tokenizer, pixels, "what colour?", method)
+    assert_unchanged(model, before)
+    assert {s for base in (VisionZip, vidtok.DiverseSelect, vidtok.SegmentMerge) for s in base.signals} <= set(adapter_for(model).vision_signals)

@@ -560,6 +560,11 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
     sync = device_sync(adapter.device)
     if fastv is not None:
         adapter.check_fastv_layer(fastv.layer)
+    missing = [signal for signal in encoder.signals if signal not in adapter.vision_signals]
+    if missing:
+        raise ValueError(f"{encoder.name} reads the vision tower's {missing[0]}, which vidtok's {adapter.model.config.model_type} adapter "
+                         f"does not give (it gives {', '.join(adapter.vision_signals) or 'none'}); pick a base that reads "
+                         "only those (Uniform, Random need none), or add the signal to the family's adapter")
     inline = dytok is not None and dytok.guide_name == "inline"
     guide, layers = None, None
     if inline:

@@ -39,6 +39,8 @@ class Compressor:
 
     name: ClassVar[str] = "base"
     needs_vision_signals: ClassVar[bool] = False
+    # which of the vision tower's signals it reads (FrameSignals fields); a family that cannot give one is refused up front
+    signals: ClassVar[tuple[str, ...]] = ()
     side: ClassVar[str] = "vision"  # where tokens go: "vision" (before the LLM), "llm" (inside it), "both"
 
     @property

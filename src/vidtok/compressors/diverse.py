@@ -95,6 +95,7 @@ class DiverseSelect(Compressor):
     )
     name: ClassVar[str] = "diverse"
     needs_vision_signals: ClassVar[bool] = True
+    signals: ClassVar[tuple[str, ...]] = ("attention",)
 
     def __post_init__(self):
         super().__post_init__()

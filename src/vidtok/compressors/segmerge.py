@@ -112,6 +112,7 @@ class SegmentMerge(Compressor):
 
     name: ClassVar[str] = "segmerge"
     needs_vision_signals: ClassVar[bool] = True
+    signals: ClassVar[tuple[str, ...]] = ("attention",)
 
     def __post_init__(self):
         super().__post_init__()

@@ -67,6 +67,8 @@ class VideoAdapter:
     model_type: ClassVar[str] = ""
     unit: ClassVar[str] = "frame"  # the unit of importance and budget, as the plan names it
     trailing_tokens: ClassVar[int] = 0  # uncompressed tokens after the video (LLaVA-OV's newline: 1)
+    # the vision tower's per-token signals the adapter can give a compressor (FrameSignals fields)
+    vision_signals: ClassVar[tuple[str, ...]] = ("attention", "metric")
     frames_per_unit: ClassVar[int] = 1  # a frame-level label (a needle's frame) is unit frame // frames_per_unit
 
     model: Any
