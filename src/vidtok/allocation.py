@@ -86,12 +86,8 @@ class Prior(Allocation):
 
 
 @dataclass(frozen=True)
-class Keyframes(Allocation):
+class Keyframes(Prior):
     name: ClassVar[str] = "binary"
-    needs_prior: ClassVar[bool] = True
-
-    def weights(self, prior, features):
-        return [float(w) for w in prior]
 
     def split(self, total, caps, *, prior=None, features=None, floor=0):
         if floor:
