@@ -77,13 +77,13 @@ class LlavaOnevisionAdapter(VideoAdapter):
 
     def layout(self) -> dict:
         """What a guide must share with the main model for its frame weights to mean the same frames."""
-        config = self.model.config
+        # no vocab_size: a released pair shares one tokenizer but pads its embedding tables differently
+        # (LLaVA-OV 0.5B 151936 rows, 7B 152128); the token ids are what must agree
         return {
             "model_type": self.model_type,
             "image_size": self.image_size,
             "tokens_per_frame": self.tokens_per_frame,
             "video_token_id": self.video_token_id,
-            "vocab_size": config.text_config.vocab_size,
         }
 
     def pixels(self, video, frames: int | None = None, fps: float | None = None) -> torch.Tensor:

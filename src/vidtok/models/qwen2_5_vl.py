@@ -125,6 +125,8 @@ class Qwen2_5_VLAdapter(VideoAdapter):
         self.min_frames, self.max_frames = int(settings.get("min_frames", 4)), int(settings.get("max_frames", 768))
 
     def layout(self) -> dict:
+        # no vocab_size: a released pair shares one tokenizer but pads its embedding tables differently
+        # (Qwen2.5-VL 3B 151936 rows, 7B 152064); the token ids are what must agree
         return {
             "model_type": self.model_type,
             "patch_size": self.patch,
@@ -133,7 +135,6 @@ class Qwen2_5_VLAdapter(VideoAdapter):
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
             "video_token_id": self.video_token_id,
-            "vocab_size": self.model.config.text_config.vocab_size,
         }
 
     # pixels --------------------------------------------------------------------------------
