@@ -309,3 +309,31 @@ def test_bfloat16_models_run(model, assistant, tokenizer, pixels):
     result = generate(model, tokenizer, pixels, Q, DyToK(VisionZip(0.25), guide=assistant), max_new_tokens=2)
     assert sum(result.plan.budgets) == result.plan.total_budget
     assert abs(sum(result.plan.frame_weights) - 1) < 1e-4
+
+
+def test_an_assistant_with_a_padded_vocabulary_guides_and_a_smaller_one_is_refused(model, assistant, tokenizer, pixels):
+    # released pairs share one tokenizer but pad their embedding tables differently (LLaVA-OV 0.5B 151936 rows, 7B 152128)
+    rows = assistant.get_input_embeddings().num_embeddings
+    assistant.resize_token_embeddings(rows + 64)
+    plan = vidtok.generate(model, tokenizer, pixels, "what colour?", vidtok.DyToK(vidtok.VisionZip(0.25), guide=assistant), max_new_tokens=1).plan
+    assert plan.guide == "assistant" and sum(plan.budgets) == plan.total_budget
+    assistant.resize_token_embeddings(len(tokenizer) - 1)
+    with pytest.raises(ValueError, match="fewer than the main tokenizer's"):
+        vidtok.generate(model, tokenizer, pixels, "what colour?", vidtok.DyToK(vidtok.VisionZip(0.25), guide=assistant))
+
+
+def test_a_cache_holds_the_preprocessed_pixels_and_drops_them_when_the_frames_change(model, tokenizer, frames_uint8, monkeypatch):
+    from vidtok import VideoCache
+
+    adapter_class = type(adapter_for(model))
+    calls = []
+    original = adapter_class.pixels
+    monkeypatch.setattr(adapter_class, "pixels", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    cache = VideoCache(frames_uint8)
+    first = generate(model, tokenizer, frames_uint8, "what colour?", VisionZip(0.25), cache=cache, max_new_tokens=1)
+    again = generate(model, tokenizer, frames_uint8, "what shape?", Uniform(0.25), cache=cache, max_new_tokens=1)
+    assert len(calls) == 1 and "decode_reused" in again.plan.seconds and "decode" in first.plan.seconds
+    frames_uint8[0] = 255 - frames_uint8[0]  # overwritten in place: the held pixels describe the old frames
+    changed = generate(model, tokenizer, frames_uint8, "what shape?", Uniform(0.25), cache=cache, max_new_tokens=1)
+    fresh = generate(model, tokenizer, frames_uint8.copy(), "what shape?", Uniform(0.25), max_new_tokens=1)
+    assert len(calls) == 3 and torch.equal(changed.sequences, fresh.sequences) and cache.refreshed == 1

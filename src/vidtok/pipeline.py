@@ -571,6 +571,11 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
         layers = _inline_layers(dytok, fastv, adapter)
     elif dytok is not None and dytok.guide is not None:  # check the guide and its layers before any work
         guide = _guide_adapter(dytok, adapter)
+        if guide is not adapter:  # a released pair pads its embedding tables differently: the tokenizer must fit both
+            rows = guide.model.get_input_embeddings().num_embeddings
+            if len(tokenizer) > rows:
+                raise ValueError(f"the assistant's embedding table has {rows} rows, fewer than the main tokenizer's {len(tokenizer)} "
+                                 "tokens: it was trained with another tokenizer; use an assistant of the same family and tokenizer")
         layers = guide.guide_layers(dytok.layers)
 
     # the same video object (or path) in several items: decoded once, its work shared through one cache
@@ -586,9 +591,9 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
         timer = _Timer(seconds, sync)
         if ("pixels", source) in shared:
             pixels = shared[("pixels", source)]
-        else:
-            with timer("decode"):
-                pixels = shared[("pixels", source)] = adapter.pixels(video, frames, fps)
+        else:  # a cache holds the video's pixels as this model's preprocessing made them (the cache fixes frames, fps)
+            pixels = shared[("pixels", source)] = _fetch(cache, ("pixels", id(model)), "decode", timer,
+                                                         lambda: adapter.pixels(video, frames, fps), model)
         items.append({"question": question, "cache": cache, "seconds": seconds, "timer": timer, "pixels": pixels})
 
     for item in items:  # budgets, refused now if impossible, not after the guide pass or inside the prefill
