@@ -12,6 +12,7 @@ import vidtok
 from vidtok import Composed, DyToK, FastV, VisionZip, adapter_for, generate, prepare
 from vidtok import flops
 from vidtok.compressors.fastv import fastv_keep
+from vidtok.models.base import cache_keyword
 
 from helpers import FRAMES, assert_unchanged, snapshot
 
@@ -51,7 +52,7 @@ class MaskedReference:
 
     def hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("cache")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name before transformers 5.24
         past = cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else 0
         queries = past + torch.arange(hidden.shape[1])
         keys = torch.arange(past + hidden.shape[1])
@@ -113,7 +114,7 @@ def test_kept_counts_equal_the_budgets_and_the_cache_holds_only_kept_tokens(mode
     assert budgets_before == expected
     cache = DynamicCache(config=model.config.get_text_config())
     with torch.no_grad(), prepared.apply():
-        model(**prepared.inputs, cache=cache, use_cache=True)
+        model(**prepared.inputs, **{cache_keyword(model): cache}, use_cache=True)
     assert plan.budgets == budgets_before == [len(k) for k in plan.kept]
     assert sum(plan.budgets) == plan.total_budget == plan.visual_tokens_kept == 16
     prompt = prepared.inputs["input_ids"].shape[1]
@@ -345,7 +346,7 @@ def test_a_cache_that_places_tokens_by_position_is_refused(model, tokenizer, pix
     prepared = prepare(model, tokenizer, pixels, Q, FastV(0.25, layer=1))
     cache = StaticCache(config=model.config.get_text_config(), max_cache_len=256)
     with pytest.raises(RuntimeError, match="needs transformers' DynamicCache"), torch.no_grad(), prepared.apply():
-        model(**prepared.inputs, cache=cache, use_cache=True)
+        model(**prepared.inputs, **{cache_keyword(model): cache}, use_cache=True)
     assert_unchanged(model, before)
 
 

@@ -9,7 +9,6 @@ guide + compression + prefill), decode tokens/s. Also peak RSS (CPU) or peak all
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import torch
 from .. import flops
 from ..compressors import GUIDES, METHODS, build_method
 from ..importance import parse_layers
+from ..models.base import cache_keyword
 from ..pipeline import _Timer, device_sync, prepare
 
 STAGES = ("decode", "vision", "guide_vision", "guide", "compress", "prefill")
@@ -512,8 +512,7 @@ def measure(model, tokenizer, video, question, method, frames, decode_tokens) ->
     with prepared.apply():  # FastV drops tokens inside the prefill (its choice is timed as part of it)
         with timer("prefill"):
             out = model(**prepared.inputs, use_cache=True, logits_to_keep=1)
-        # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40)
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        name = cache_keyword(model)
         past, mask = getattr(out, name), prepared.inputs["attention_mask"]
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         position = prepared.inputs.get("position_ids")

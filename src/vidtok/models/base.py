@@ -48,6 +48,14 @@ import torch
 from ..compressors.base import FrameSignals
 
 
+def cache_keyword(module) -> str:
+    """The KV cache's keyword in a model's forward: transformers 5.24 renamed past_key_values to cache
+    (the old name goes in 5.40); vLLM pins 5.19, which knows only the old one."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 @dataclass
 class EncodedVideo:
     features: torch.Tensor  # [U, T, D] unit tokens, projected, in the LLM's raster order within a unit
@@ -188,7 +196,8 @@ class VideoAdapter:
         first = {k: head(v, prefix) if k in ("input_ids", "attention_mask", "position_ids") else v for k, v in inputs[0].items()}
         cache = DynamicCache(config=self.model.config.get_text_config())
         # stopped inside the deepest guide layer, as every guide pass: the cache holds the layers the questions read
-        run_until(self, max(layers), lambda: self.inner(**first, cache=cache, use_cache=True))
+        key = cache_keyword(self.inner)
+        run_until(self, max(layers), lambda: self.inner(**first, **{key: cache}, use_cache=True))
         out = []
         for item, (raw_ids, _, _) in zip(inputs, items):
             rest = {"input_ids": item["input_ids"][:, prefix:], "attention_mask": item["attention_mask"]}
@@ -196,7 +205,7 @@ class VideoAdapter:
                 rest["position_ids"] = item["position_ids"][..., prefix:]
             own = copy.deepcopy(cache)
             visual = self.visual_positions(raw_ids)
-            out += capture_last_token_attention(self, [visual], layers, lambda: self.inner(**rest, cache=own, use_cache=True))
+            out += capture_last_token_attention(self, [visual], layers, lambda: self.inner(**rest, **{key: own}, use_cache=True))
         return out, prefix
 
     def batch_inputs(self, items: list[dict], pad_id: int | None = None) -> tuple[dict, list[int]]:
