@@ -14,6 +14,8 @@ then exits 0, which would hide the mistake).
 
 from __future__ import annotations
 
+import atexit
+
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -31,6 +33,16 @@ class ModelArgsError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"vidtok (lmms-eval --model_args): {message}")
+
+
+def _close_process_group() -> None:
+    """lmms-eval opens a gloo process group for data-parallel runs and leaves it to interpreter
+    teardown, where its threads are sometimes killed mid-way ("terminate called without an active
+    exception", SIGABRT after the results were written: a failed run). Closed at exit instead."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _default_guide(args) -> str:
@@ -280,6 +292,7 @@ class VidtokLMM(_base()):
         from ..calibration import default_guide_layers
 
         self.args = args = ModelArgs.parse(model_args)
+        atexit.register(_close_process_group)
         self._device = _pick_device(args.device)
         dtype = getattr(torch, args.dtype)
         model, self.tokenizer = _load(args.pretrained)
