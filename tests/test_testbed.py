@@ -214,3 +214,26 @@ def test_calibration_is_core_and_reads_the_checkpoint_folder(tmp_path):
     assert default_guide_layers("inline", Model(), None, fastv_layer=2) == [1]
     assert default_guide_layers("inline", Model(), None, fastv_layer=1) is None
     assert default_guide_layers("none", Model(), Model()) is None
+
+
+def test_a_qwen_pair_member_fine_tunes_from_its_folder_with_its_tower_frozen(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vidtok.testbed.train import main
+
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    common = ["--family", "qwen2_5_vl", "--geometry", "test", "--batch", "2", "--steps", "2", "--anneal", "2"]
+    main([*common, "--out", str(first), "--vision-steps", "1", "--curriculum", "2"])
+    main([*common, "--out", str(tuned), "--start", str(first), "--curriculum", "2,4", "--anneal-lengths", "all"])
+    before = Qwen2_5_VLForConditionalGeneration.from_pretrained(first).state_dict()
+    after = Qwen2_5_VLForConditionalGeneration.from_pretrained(tuned).state_dict()
+    assert before.keys() == after.keys()  # the training-only heads stay out of the checkpoint
+    visual = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)  # the pair still shares the tower, merger included
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+    history = json.loads((tuned / "training.json").read_text())["history"]
+    assert {h["frames"] for h in history[-2:]} == {2, 4}  # the annealing steps take the curriculum's lengths in turn
+    card = (tuned / "README.md").read_text()
+    assert f"--start {first}" in card and "--anneal-lengths all" in card and "fine-tuned from" in card
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--start", str(first)])  # LLaVA-OV's needle task has no --start

@@ -538,11 +538,13 @@ def _qwen_layout(adapter, pixels, seconds):
 
 
 def train_joint_qwen(model, heads, tokenizer, steps, batch, lr, rng, log, curriculum, advance_at, deadline, answer_layer=None,
-                     attend_layer=None, anneal=0):
+                     attend_layer=None, anneal=0, anneal_all=False):
     """The joint stage; with `anneal`, it ends once the last frame count reaches `advance_at` (or the
     time or step budget is spent), and that many more steps follow at the last frame count with
     the learning rate falling linearly to 0: at a constant 3e-3 the main model spiked from 0.98 to
-    0.74 train accuracy after 1,250 steps at 16 frames and ran out of time recovering."""
+    0.74 train accuracy after 1,250 steps at 16 frames and ran out of time recovering. With
+    `anneal_all`, the annealing steps take the curriculum's frame counts in turn, so that the
+    shorter lengths are not forgotten while the longest is learnt."""
     from .._seam import observe_attention
     from ..models import adapter_for
 
@@ -552,7 +554,7 @@ def train_joint_qwen(model, heads, tokenizer, steps, batch, lr, rng, log, curric
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     level, recent, history, layouts, annealing = 0, [], [], {}, None
     for step in range(steps + anneal):
-        frames = curriculum[level]
+        frames = curriculum[level] if annealing is None or not anneal_all else curriculum[(step - annealing) % len(curriculum)]
         input_ids, pixels, answers, colour, colour_labels, shape_labels = _qwen_batch(rng, frames, batch, tokenizer, adapter)
         if frames not in layouts:
             layouts[frames] = _qwen_layout(adapter, pixels[0], QWEN_SECONDS_PER_FRAME)
@@ -642,22 +644,29 @@ def main_qwen(args):
     torch.set_num_threads(args.threads or 1)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = build_qwen_toy_model(args.geometry, seed=args.seed).train()
+    if args.start:  # fine-tune a trained pair member: its tower (merger included) stays frozen, so the pair still shares it
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.start, dtype=torch.float32).train()
+    else:
+        model = build_qwen_toy_model(args.geometry, seed=args.seed).train()
     tokenizer = build_tokenizer("qwen2_5_vl")
     heads = QwenAuxHeads(model.config.text_config.hidden_size, slots=model.config.vision_config.temporal_patch_size)
     start, cpu_start = time.monotonic(), time.process_time()
-    if args.vision_from:
+    if args.start:
+        log(f"starting from {args.start}; no vision stage (the tower is frozen), fresh training-only heads")
+    elif args.vision_from:
         # the donor's patch embedding and blocks; the merger (whose output is this LLM's width) is trained below
         donor = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.vision_from)
         for name in ("patch_embed", "blocks"):
             getattr(model.model.visual, name).load_state_dict(getattr(donor.model.visual, name).state_dict())
         del donor
         log(f"vision tower (patch embedding, blocks) from {args.vision_from}; stage 1 trains the merger only")
-    train_vision_qwen(model, heads, args.vision_steps, args.batch, args.lr, rng, log, merger_only=bool(args.vision_from))
+    if not args.start:
+        train_vision_qwen(model, heads, args.vision_steps, args.batch, args.lr, rng, log, merger_only=bool(args.vision_from))
     curriculum = [int(x) for x in args.curriculum.split(",")]
     history = train_joint_qwen(
         model, heads, tokenizer, args.steps, args.batch, args.lr, rng, log, curriculum, args.advance_at,
         attend_layer=None if args.attend_layer < 0 else args.attend_layer, anneal=args.anneal, answer_layer=args.answer_probe,
+        anneal_all=args.anneal_lengths == "all",
         deadline=time.process_time() + 60 * args.minutes,  # CPU time: a shared machine's load and pauses do not count
     )
     model.eval()
@@ -678,13 +687,16 @@ def _qwen_card(args, history, seconds, cpu_seconds=None) -> str:
     final = history[-1] if history else {}
     cpu = "" if cpu_seconds is None else f" ({cpu_seconds / 60:.1f} CPU minutes, {args.threads or 1} thread(s))"
     command = f"python -m vidtok.testbed.train --family qwen2_5_vl --geometry {args.geometry} --out {args.out}"
-    for flag, value, default in (("--seed", args.seed, 0), ("--vision-from", args.vision_from, None), ("--minutes", args.minutes, 25.0),
+    for flag, value, default in (("--seed", args.seed, 0), ("--start", args.start, None), ("--vision-from", args.vision_from, None),
+                                 ("--minutes", args.minutes, 25.0), ("--anneal-lengths", args.anneal_lengths, "last"),
                                  ("--steps", args.steps, 8000), ("--vision-steps", args.vision_steps, 300),
                                  ("--anneal", args.anneal, 1000), ("--attend-layer", args.attend_layer, 1),
                                  ("--curriculum", args.curriculum, "1,2,4,8,16"), ("--lr", args.lr, 3e-3), ("--batch", args.batch, 32)):
         if value != default:
             command += f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}"
     vision = (
+        f"fine-tuned from `{args.start}` (its card says how that was trained); the vision tower, merger included, stayed frozen"
+        if args.start else
         "patch embedding and blocks copied from the main model (frozen); only its merger was trained here, in stage 1"
         if args.vision_from else "vision tower trained from scratch here (stage 1), then frozen"
     )
@@ -696,7 +708,8 @@ def _qwen_card(args, history, seconds, cpu_seconds=None) -> str:
 
 A Qwen2.5-VL-architecture model (`Qwen2_5_VLForConditionalGeneration`: windowed ViT with
 full-attention blocks, 2x2 patch merger, Qwen2 LLM with 3-D rotary positions) trained from
-scratch on vidtok's synthetic needle task ("what shape is <colour> ?", 16 frames of 64 px).
+scratch on vidtok's synthetic needle task ("what shape is <colour> ?", frames of 64 px; frame
+counts {args.curriculum.replace(",", ", ")} in turn).
 8-px patches, temporal patch 2, 2x2 merge: each pair of frames (a temporal group) is 4x4 = 16
 LLM tokens, one per 16-px object cell. It is a testbed for token compression, not a general
 video model.
@@ -719,7 +732,8 @@ def main(argv=None):
     parser.add_argument("--family", default="llava_onevision", choices=["llava_onevision", "qwen2_5_vl"], help="model family")
     parser.add_argument("--task", default="needle", choices=["needle", "mixed"],
                         help="needle: v1 from scratch; mixed: fine-tune a shipped v1 model (--start) on v1 + v2 (LLaVA-OV)")
-    parser.add_argument("--start", help="--task mixed: the v1 model folder to start from")
+    parser.add_argument("--start", help="the trained model folder to fine-tune (--task mixed: the v1 model; Qwen needle task: "
+                                        "a pair member, its vision tower kept frozen)")
     parser.add_argument("--kinds", help="--task mixed: the v2 question kinds to train on, comma-separated (default all)")
     parser.add_argument("--v1-share", type=float, default=0.25, help="--task mixed: the share of steps on v1 needle batches")
     parser.add_argument("--geometry", default="main", help="toy geometry: main, assistant or test")
@@ -742,6 +756,8 @@ def main(argv=None):
     parser.add_argument("--anneal", type=int, default=None,
                         help="Qwen: after the joint stage, this many steps at the last frame count with the learning rate "
                              "falling to 0 (default 1000)")
+    parser.add_argument("--anneal-lengths", default="last", choices=["last", "all"],
+                        help="Qwen: the annealing steps run at the last frame count, or at every curriculum count in turn")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (Qwen default 1: its encoder makes thousands of tiny attention calls, "
                              "which more threads slow down)")
@@ -762,6 +778,10 @@ def main(argv=None):
             setattr(args, name, qwen_default if qwen else llava)
     if not qwen and args.anneal is not None:
         parser.error("--anneal is for --family qwen2_5_vl")
+    if not qwen and (args.start or args.anneal_lengths != "last"):
+        parser.error("--start and --anneal-lengths with --task needle are for --family qwen2_5_vl")
+    if args.start and args.vision_from:
+        parser.error("--start keeps the started model's own vision tower; drop --vision-from")
     if args.family == "qwen2_5_vl":
         return main_qwen(args)
     if args.threads:
