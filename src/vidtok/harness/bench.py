@@ -171,6 +171,9 @@ def _check_config(config: BenchConfig, check: _Check) -> None:
     if config.batch_sizes is not None:
         for i, size in enumerate(check.items(config.batch_sizes, "batch_sizes", "whole numbers >= 1 (questions per generate call)")):
             check.whole(size, f"batch_sizes[{i}]")
+        if any("scale_to" in (spec or {}) for spec in (config.main, config.guide) if isinstance(spec, dict)):
+            raise check.error("batch_sizes", config.batch_sizes, "depth scaling (scale_to) scales stage timings; throughput is measured "
+                                                                 "at the built depth: drop scale_to or batch_sizes")
         for key in ("sweep_frames", "goal"):
             if getattr(config, key) is not None:
                 raise check.error(key, getattr(config, key), f"batch_sizes measures throughput at one length, not stage timings: "
@@ -200,13 +203,13 @@ def _check_spec(check: _Check, spec, at: str, main: dict | None = None, main_spe
     """One model spec as build_model reads it. Returns its family, LLM depth and vision tower (None where only loading tells)."""
     from ..testbed.toy import GEOMETRIES, toy_config
 
-    shared = {"toy", "path", "text", "vision"}
+    shared = {"toy", "path", "text", "vision", "scale_to"}
     check.mapping(spec, at, shared | ({"family", "frame_size"} if main is None else {"share_vision"}))
     shapes = [key for key in ("toy", "path", "text") if key in spec]
     if len(shapes) != 1:
         raise check.error(at, spec, 'a model spec names one model: {"toy": "test"}, {"path": folder} or {"vision": {...}, "text": {...}}')
-    if shapes != ["text"] and {"vision", "family"} & set(spec):
-        raise check.error(at, spec, "vision and family describe a geometry: they go with text, not with toy or path")
+    if shapes != ["text"] and {"vision", "family", "scale_to"} & set(spec):
+        raise check.error(at, spec, "vision, family and scale_to describe a geometry: they go with text, not with toy or path")
     # a guide is built in main's family (build_model), so it names none of its own
     family = main["family"] if main else check.choice(spec.get("family", "llava_onevision"), f"{at}.family", FAMILIES)
     if "frame_size" in spec:
@@ -275,8 +278,10 @@ def _check_geometry(check: _Check, spec: dict, at: str, family: str, vision_from
         check.fail(f"{at}.text.vocab_size", text["vocab_size"], f"a whole number >= {words} (the bench prompts with the toy tokenizer's {words} words)")
     vision_base = (toy.vision_config if qwen else SiglipVisionConfig()).to_dict()
     if "vision" not in spec:  # build_model gives a guide main's vision geometry, else the defaults
+        _check_scale_to(check, spec, at, qwen, {**vision_base, **(vision_from or {})})
         return {"family": family, "depth": text["num_hidden_layers"], "tower": {**vision_base, **(vision_from or {})}}
     vision = _check_sizes(check, spec["vision"], f"{at}.vision", vision_base)
+    _check_scale_to(check, spec, at, qwen, vision)
     heads_key = "num_heads" if qwen else "num_attention_heads"
     if vision["hidden_size"] % vision[heads_key]:
         check.fail(f"{at}.vision.{heads_key}", vision[heads_key], f"a divisor of hidden_size {vision['hidden_size']}")
@@ -290,6 +295,31 @@ def _check_geometry(check: _Check, spec: dict, at: str, family: str, vision_from
     elif vision["patch_size"] > vision["image_size"]:
         check.fail(f"{at}.vision.patch_size", vision["patch_size"], f"at most image_size {vision['image_size']}")
     return {"family": family, "depth": text["num_hidden_layers"], "tower": vision}
+
+
+def _check_scale_to(check: _Check, spec: dict, at: str, qwen: bool, vision: dict) -> None:
+    """Depth scaling (harness.depth): the released values of the depth keys, each stack run with at least one layer."""
+    if "scale_to" not in spec:
+        return
+    path = f"{at}.scale_to"
+    vision_keys = ("depth", "fullatt_block_indexes") if qwen else ("num_hidden_layers",)
+    check.mapping(spec["scale_to"], path, ("text", "vision"))
+    if "text" in spec["scale_to"]:
+        check.mapping(spec["scale_to"]["text"], f"{path}.text", ("num_hidden_layers",))
+        for key, value in spec["scale_to"]["text"].items():
+            check.whole(value, f"{path}.text.{key}", why=" (the released model's LLM depth)")
+    if "vision" in spec["scale_to"]:
+        target = check.mapping(spec["scale_to"]["vision"], f"{path}.vision", vision_keys)
+        depth_key = vision_keys[0]
+        depth = check.whole(target.get(depth_key, vision[depth_key]), f"{path}.vision.{depth_key}", why=" (the released tower's depth)")
+        if qwen:
+            blocks = check.items(target.get("fullatt_block_indexes", vision["fullatt_block_indexes"]), f"{path}.vision.fullatt_block_indexes",
+                                 "block indexes")
+            for i, block in enumerate(blocks):
+                check.whole(block, f"{path}.vision.fullatt_block_indexes[{i}]", 0, depth - 1, f" (a block of the depth-{depth} tower)")
+            if not set(vision["fullatt_block_indexes"]) or len(set(vision["fullatt_block_indexes"])) == vision["depth"]:
+                raise check.error(f"{at}.vision.fullatt_block_indexes", vision["fullatt_block_indexes"],
+                                  "depth scaling times windowed and full-attention blocks apart: the run needs at least one of each")
 
 
 def _check_runs(check: _Check, runs, main: dict, guide: dict | None) -> None:
@@ -504,19 +534,24 @@ def _method(row, assistant):
 
 
 @torch.no_grad()
-def measure(model, tokenizer, video, question, method, frames, decode_tokens) -> dict:
-    """One timed call: every stage once."""
-    prepared = prepare(model, tokenizer, video, question, method, frames=frames)
+def measure(model, tokenizer, video, question, method, frames, decode_tokens, scaling=None, row=None) -> dict:
+    """One timed call: every stage once. With `scaling` (harness.depth), every layer call is timed
+    too and the stages are also given at the released depth."""
+    from .depth import DepthScaling
+
+    clocks = scaling.clocks() if scaling is not None else None
+    with DepthScaling.watch(clocks, "vision", "guide_vision", "self_guide", "guide"):
+        prepared = prepare(model, tokenizer, video, question, method, frames=frames)
     seconds = prepared.plan.seconds
     timer = _Timer(seconds, device_sync(next(model.parameters()).device))
     with prepared.apply():  # FastV drops tokens inside the prefill (its choice is timed as part of it)
-        with timer("prefill"):
+        with timer("prefill"), DepthScaling.watch(clocks, "prefill"):
             out = model(**prepared.inputs, use_cache=True, logits_to_keep=1)
         name = cache_keyword(model)
         past, mask = getattr(out, name), prepared.inputs["attention_mask"]
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         position = prepared.inputs.get("position_ids")
-        with timer("decode_tokens"):
+        with timer("decode_tokens"), DepthScaling.watch(clocks, "decode_tokens"):
             for _ in range(decode_tokens):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 step = {}
@@ -525,16 +560,21 @@ def measure(model, tokenizer, video, question, method, frames, decode_tokens) ->
                     step["position_ids"] = position
                 out = model(input_ids=token, attention_mask=mask, use_cache=True, **{name: past}, **step)
                 past, token = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
-    return {"seconds": dict(seconds), "plan": prepared.plan, "prompt_tokens": int(prepared.inputs["input_ids"].shape[1])}
+    out = {"seconds": dict(seconds), "plan": prepared.plan, "prompt_tokens": int(prepared.inputs["input_ids"].shape[1])}
+    if scaling is not None:  # the scaled stages are the row's figures; what was run stays beside them
+        out["seconds"], out["depth_scaling"] = scaling.apply(clocks, seconds, prepared.plan, row)
+        out["measured_seconds"] = dict(seconds)
+    return out
 
 
 FLOPS_FAMILIES = ("llava_onevision", "qwen2_5_vl")  # whose vision towers and LLMs vidtok.flops models
 
 
-def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, grid=None) -> dict | None:
+def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, grid=None, scale=None) -> dict | None:
     """Analytic FLOPs of the stages, or None for a family vidtok.flops does not model (Qwen3-VL's
-    DeepStack mergers, Qwen3.5's linear-attention layers, MoE experts): timings only."""
-    config = model.config
+    DeepStack mergers, Qwen3.5's linear-attention layers, MoE experts): timings only. `scale`
+    (depth scaling) gives the released configs and the guide's deepest layer there."""
+    config = scale["config"] if scale else model.config
     if config.model_type not in FLOPS_FAMILIES:
         return None
     in_prompt = sum(plan.vision_budgets) if plan.vision_budgets is not None else plan.visual_tokens_kept  # visual tokens the LLM receives
@@ -553,10 +593,11 @@ def prefill_flops(model, guide_model, row, plan, prompt_tokens, shared_vision, g
         "compress": 0 if not zipping else flops.qwen_visionzip_signal_flops(config, grid) if qwen else flops.visionzip_signal_flops(config, plan.frames),
     }
     if plan.guide_layers is not None and plan.guide != "inline":  # the inline prior is read inside the prefill: no pass of its own
-        gconfig = (guide_model or model).config
+        gconfig = (scale["guide_config"] if guide_model is not None else scale["config"]) if scale else (guide_model or model).config
+        deepest = scale["guide_deepest"] if scale else max(plan.guide_layers)
         seen = -(-plan.frames // row["guide_stride"])  # the frames a strided guide sees
         guide_tokens = seen * plan.tokens_per_frame // row["guide_pool"] ** 2
-        out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + trailing, max(plan.guide_layers))
+        out["guide"] = flops.guide_flops(gconfig, text_tokens + guide_tokens + trailing, deepest)
         if guide_model is not None and qwen:
             v = gconfig.vision_config
             merger = 2 * (plan.frames * plan.tokens_per_frame) * (v.hidden_size * 4) * (v.hidden_size * 4 + v.out_hidden_size)
@@ -641,12 +682,29 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
         shared = adapter_for(model).same_vision_tower(adapter_for(guide_model))
     rows = expand_runs(config)
     setup = {"model": model, "tokenizer": tokenizer, "guide_model": guide_model, "shared": shared, "device": device}
+    scaled = [spec.get("scale_to") for spec in (config.main, config.guide or {})]
+    if any(scaled):
+        from .depth import DepthScaling
+
+        guide_targets = dict(scaled[1] or {})
+        if config.guide is not None and config.guide.get("share_vision") and (scaled[0] or {}).get("vision"):
+            guide_targets["vision"] = scaled[0]["vision"]  # one tower: the released one
+        setup["scaling"] = DepthScaling(model, guide_model, scaled[0], guide_targets, device_sync(device))
     report = {
         "config": asdict(config),
         "machine": _machine(device),
         "shared_vision_tower": shared,
         "geometry": {"main": model.config.to_dict(), "guide": guide_model.config.to_dict() if guide_model else None},
     }
+    if "scaling" in setup:
+        report["depth_scaling"] = {
+            "main": scaled[0], "guide": scaled[1],
+            "method": "the layers of each stack are built at the released width and a few of them run; every layer call is timed "
+                      "(forward hooks) and a stage's seconds are its measured seconds minus its layers' sum plus the mean time per "
+                      "layer times the released count (FastV: layers below and from K apart; Qwen2.5-VL's windowed and full-attention "
+                      "blocks apart; a guide pass: the layers below its deepest guide layer). Seconds, ratios and FLOPs are at the "
+                      "released depth; peak memory is the run's (fewer layers' weights); measured_seconds per repeat are the run's.",
+        }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.sweep_frames:
@@ -689,17 +747,19 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
         video = bench_video(Path(tmp) / "bench.mp4", frames, size)
         grid = adapter._grid(adapter.pixels(video, frames)) if hasattr(adapter, "_grid") else None
         methods = [_method(row, guide_model) for row in rows]
-        for method in methods:
+        scaling = setup.get("scaling")
+        for row, method in zip(rows, methods):
             for _ in range(config.warmup):
-                measure(model, tokenizer, video, question, method, frames, config.decode_tokens)
+                measure(model, tokenizer, video, question, method, frames, config.decode_tokens, scaling, row)
         # Round-robin over configurations, so a slow spell of a shared machine hits all of them alike.
         repeats = [[] for _ in rows]
         last = [None] * len(rows)
         for repeat in range(config.repeats):
             for i, method in enumerate(methods):
                 with PeakMemory(device) as memory:
-                    last[i] = measure(model, tokenizer, video, question, method, frames, config.decode_tokens)
-                repeats[i].append({"seconds": last[i]["seconds"], "peak_memory_bytes": memory.peak})
+                    last[i] = measure(model, tokenizer, video, question, method, frames, config.decode_tokens, scaling, rows[i])
+                repeats[i].append({"seconds": last[i]["seconds"], "peak_memory_bytes": memory.peak,
+                                   **{k: last[i][k] for k in ("measured_seconds", "depth_scaling") if k in last[i]}})
             log(f"{frames} frames: repeat {repeat + 1}/{config.repeats} done")
         results = []
         for row, method, runs, m in zip(rows, methods, repeats, last):
@@ -716,7 +776,8 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
                     # a guided row with every guide setting at vidtok's default (layers: calibrated, else the last third)
                     "default_guide": row["guide"] != "none" and row["layers"] is None and row["guide_pool"] == 1
                     and row["guide_stride"] == 1,
-                    "guide_layers": plan.guide_layers,
+                    "guide_layers": plan.guide_layers if scaling is None else scaling.guide_layers(row, plan),
+                    **({} if scaling is None else {"run_guide_layers": plan.guide_layers}),
                     "fastv_layer": plan.layer,
                     "flops_retention": plan.flops_retention,
                     "visual_tokens_kept": plan.visual_tokens_kept,
@@ -728,7 +789,8 @@ def _bench_point(config: BenchConfig, setup: dict, rows: list[dict], frames: int
                     "llm_side_seconds_range": [min(sides), max(sides)],  # the repeats' spread: this VM's noise
                     "decode_tokens_per_s": config.decode_tokens / median["decode_tokens"] if median["decode_tokens"] else None,
                     "guide_share": (median["guide_vision"] + median["guide"]) / ttft if ttft else 0.0,
-                    "prefill_flops": prefill_flops(model, guide_model if row["guide"] == "assistant" else None, row, plan, prompt_tokens, shared, grid),
+                    "prefill_flops": prefill_flops(model, guide_model if row["guide"] == "assistant" else None, row, plan, prompt_tokens, shared, grid,
+                                                   scale=None if scaling is None else scaling.flops_scale(row, plan)),
                     "peak_rss_mb": peak if device.type == "cpu" else None,
                     "peak_cuda_mb": peak if device.type == "cuda" else None,
                     "repeats": runs,
