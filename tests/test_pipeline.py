@@ -337,3 +337,27 @@ def test_a_cache_holds_the_preprocessed_pixels_and_drops_them_when_the_frames_ch
     changed = generate(model, tokenizer, frames_uint8, "what shape?", Uniform(0.25), cache=cache, max_new_tokens=1)
     fresh = generate(model, tokenizer, frames_uint8.copy(), "what shape?", Uniform(0.25), max_new_tokens=1)
     assert len(calls) == 3 and torch.equal(changed.sequences, fresh.sequences) and cache.refreshed == 1
+
+
+@pytest.mark.parametrize("pixel_format, size", [("yuv420p", (48, 80)), ("yuv444p", (64, 64))])
+def test_decoded_frames_are_pyav_own_rgb_conversion(tmp_path, pixel_format, size):
+    # read_frames converts with one reformatter per video (fast); the reference converts each frame on its own
+    import av
+    import numpy as np
+
+    from vidtok.video import read_frames
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.height, stream.width = size
+        stream.pix_fmt = pixel_format
+        for _ in range(6):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        reference = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    got = read_frames(path, 6)
+    assert got.shape == (6, *size, 3) and all(np.array_equal(a, b) for a, b in zip(got, reference))
