@@ -695,7 +695,7 @@ def _qwen_card(args, history, seconds, cpu_seconds=None) -> str:
         if value != default:
             command += f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}"
     vision = (
-        f"fine-tuned from `{args.start}` (its card says how that was trained); the vision tower, merger included, stayed frozen"
+        f"fine-tuned from `{args.start}`; the vision tower, merger included, stayed frozen"
         if args.start else
         "patch embedding and blocks copied from the main model (frozen); only its merger was trained here, in stage 1"
         if args.vision_from else "vision tower trained from scratch here (stage 1), then frozen"
@@ -704,12 +704,18 @@ def _qwen_card(args, history, seconds, cpu_seconds=None) -> str:
         f"\n- The last prompt token's attention at LLM layer {args.attend_layer} (softmax over the visual keys, mean over heads)"
         "\n  was pulled onto the queried needle's token during training."
     )
+    how = f"trained from scratch (frame counts {args.curriculum.replace(',', ', ')} in turn)"
+    if args.start:
+        first = f"python -m vidtok.testbed.train --family qwen2_5_vl --geometry {args.geometry} --out {args.start}"
+        if args.geometry == "assistant":  # the main model's tower, which the main model's fine-tune leaves as it was
+            first += f" --vision-from {args.start.replace('-assistant', '')}"
+        how = (f"trained in two steps: from scratch on 1 -> 16 frames (`{first}`), then fine-tuned on "
+               f"{args.curriculum.replace(',', ', ')} frames (the command below)")
     return f"""# vidtok toy Qwen2.5-VL model ({args.geometry})
 
 A Qwen2.5-VL-architecture model (`Qwen2_5_VLForConditionalGeneration`: windowed ViT with
-full-attention blocks, 2x2 patch merger, Qwen2 LLM with 3-D rotary positions) trained from
-scratch on vidtok's synthetic needle task ("what shape is <colour> ?", frames of 64 px; frame
-counts {args.curriculum.replace(",", ", ")} in turn).
+full-attention blocks, 2x2 patch merger, Qwen2 LLM with 3-D rotary positions) {how}, on
+vidtok's synthetic needle task ("what shape is <colour> ?", frames of 64 px).
 8-px patches, temporal patch 2, 2x2 merge: each pair of frames (a temporal group) is 4x4 = 16
 LLM tokens, one per 16-px object cell. It is a testbed for token compression, not a general
 video model.
