@@ -3,22 +3,29 @@ where every file comes from), at their real geometry, through vidtok.prepare and
 
 Random weights, nothing downloaded. What is kept from each release: token ids, vocabulary sizes,
 patch / merge / temporal patch sizes, the vision depth and the block indexes a method reads
-(Qwen2.5-VL's window size and full-attention blocks, Qwen3-VL's DeepStack indexes), head dims and
-rope sections, the preprocessor configs and the chat templates. Where a release file was not found
-(SOURCE.md): LLaVA-OV's and Qwen3-VL-2B's config.json are built from `config.facts.json` (values
-quoted by public sources, the rest transformers' defaults, which no test reads), and Qwen3-VL, whose
-chat template was not found, is prompted through the Qwen2.5-VL release template. What is cut, to
-run on 2 CPU cores in under a minute per test (the overrides are in the fixtures below):
-- the LLM depth (2 layers; 4 for Qwen3-VL, whose DeepStack feeds LLM layers 0-2);
+(Qwen2.5-VL's window size and full-attention blocks, Qwen3-VL's DeepStack indexes, Qwen3.5's
+attention / linear-attention layer pattern), head dims and rope sections, the preprocessor configs and
+the chat templates. Where a release file was not found (SOURCE.md): LLaVA-OV's, Qwen3-VL-2B's and
+Qwen3.5's config.json are built from `config.facts.json` (values quoted by public sources, the rest
+transformers' defaults, which no test reads); Qwen3-VL and Qwen3.5, whose chat templates were not
+found, are prompted through the Qwen2.5-VL release template; Qwen3.5, whose video preprocessor config
+was not found, is given frames whose size neither candidate budget changes. What is cut, to run on 2
+CPU cores in under a minute per test (the overrides are in the fixtures below):
+- the LLM depth (2 layers; 4 for Qwen3-VL, whose DeepStack feeds LLM layers 0-2; Qwen3.5 the first
+  layers of its released pattern, 3 linear-attention layers then an attention layer: 4 for the 27B,
+  8 for the 0.8B guide, so that its guide layers are a choice among two attention layers);
 - the vision towers' width (hidden 256, 16 heads of 16, MLP 4x smaller), depth kept for the Qwen
   towers; SigLIP's depth cut to 4 too (LLaVA-OV reads its last layer, whatever the depth);
 - LLM widths, where the full width is too slow at these prompt lengths (6,000+ tokens for LLaVA-OV):
   LLaVA-OV 7B keeps its 28 heads and 4 KV heads at head_dim 16 (hidden 448); the Qwen models keep
   head_dim 128 (their rope sections need it) with fewer heads at the released GQA ratio (Qwen2.5-VL
-  7B 7:1 and 3B 8:1, Qwen3-VL 8B 4:1 and 2B 4:2), hidden 896 / 1024 / 512 / 512; MLPs narrowed
-  alike; LLaVA-OV 0.5B keeps its full width;
+  7B 7:1 and 3B 8:1, Qwen3-VL 8B 4:1 and 2B 4:2), hidden 896 / 1024 / 512 / 512; Qwen3.5 keeps
+  head_dim 256 (partial rotary 0.25: 64 rotated dims, its rope sections 11 + 11 + 10 = 32 pairs) and
+  the linear-attention head dims (128), with fewer heads at the released ratios (27B 24:4 attention
+  and 16:48 linear key:value heads, 0.8B 8:2 and 16:16), hidden 640 / 512; MLPs narrowed alike;
+  LLaVA-OV 0.5B keeps its full width;
 - the LLaVA-OV and Qwen2.5-VL assistants' vision blocks take the main model's weights, so that each
-  pair runs one tower (vidtok shares it; Qwen3-VL assistants always run their own).
+  pair runs one tower (vidtok shares it; Qwen3-VL and Qwen3.5 assistants always run their own).
 """
 
 import json
@@ -90,8 +97,9 @@ def llava_tokenizer(name: str):
 NARROW_VISION = {"hidden_size": 256, "num_heads": 16}
 
 
-def cut(name: str, text: dict, vision: dict, seed: int = 0, vision_from=None):
-    """A random-weight model of `name`'s released config with the text / vision overrides applied."""
+def cut(name: str, text: dict, vision: dict, seed: int = 0, vision_from=None, eos: int = 151645, pad: int = 151643):
+    """A random-weight model of `name`'s released config with the text / vision overrides applied
+    (eos / pad: the ids of its tokenizer's <|im_end|> and <|endoftext|>, Qwen2's by default)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     raw = release_config(name)
@@ -107,8 +115,8 @@ def cut(name: str, text: dict, vision: dict, seed: int = 0, vision_from=None):
         model = AutoModelForImageTextToText.from_config(config)
     model = model.eval()
     model.name_or_path = str(RELEASED / name)  # the adapters read the released (video) preprocessor config from here
-    model.generation_config.eos_token_id = 151645
-    model.generation_config.pad_token_id = 151643
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
     if vision_from is not None:  # one tower design in the pair: the assistant runs the main model's
         tower = vision_from.model.vision_tower if hasattr(vision_from.model, "vision_tower") else vision_from.model.visual
         mine = model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual
@@ -127,6 +135,31 @@ def chat_ids(tokenizer, expand: str, by: str):
 
 def frames(count: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, 3), dtype=np.uint8)
+
+
+def timestamped_blocks(budgets) -> str:
+    """Qwen3-VL's released processor layout of a video given as frames (no file: 2 fps, 0.5 s apart): per
+    group of 2 frames "<t seconds>" + vision start + its kept tokens + vision end, t the mean time of the
+    group's frames."""
+    stamps = [(2 * g * 0.5 + (2 * g + 1) * 0.5) / 2 for g in range(len(budgets))]
+    return "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * b + "<|vision_end|>" for t, b in zip(stamps, budgets))
+
+
+def timestamped_positions(ids: list, vision_start: int, kept, side: int) -> torch.Tensor:
+    """[3, 1, S] positions of a timestamped prompt: text +1; a group's block is one temporal step, a kept
+    token at (s, s + row, s + col) of the full side x side grid; text after a block at the full block's
+    largest position + 1."""
+    rows, position, i, g = [], 0, 0, 0
+    while i < len(ids):
+        rows.append([position] * 3)
+        position += 1
+        if ids[i] == vision_start:
+            rows += [[position, position + k // side, position + k % side] for k in kept[g]]
+            position += side
+            i, g = i + 1 + len(kept[g]), g + 1
+        else:
+            i += 1
+    return torch.tensor(rows).T[:, None, :]
 
 
 # LLaVA-OneVision 0.5B / 7B -----------------------------------------------------------------------
@@ -281,26 +314,12 @@ def test_qwen3_vl_at_release_geometry(qwen3_pair):
     plan = prepared.plan
     assert plan.frames == groups and plan.tokens_per_frame == per_group
     assert sum(plan.budgets) == round(0.25 * groups * per_group) == 392 and [len(k) for k in plan.kept] == plan.budgets
-    # the released processor's layout: per group "<t seconds>" + start + its kept tokens + end, t the mean time of the
-    # group's frames (frames given without a file: 2 fps)
-    stamps = [(2 * g * 0.5 + (2 * g + 1) * 0.5) / 2 for g in range(groups)]
-    blocks = "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * b + "<|vision_end|>" for t, b in zip(stamps, plan.budgets))
-    _, expected = chat_ids(tokenizer, "<|vision_start|><|video_pad|><|vision_end|>", blocks)
+    # the released processor's layout: per group "<t seconds>" + start + its kept tokens + end
+    _, expected = chat_ids(tokenizer, "<|vision_start|><|video_pad|><|vision_end|>", timestamped_blocks(plan.budgets))
     ids = prepared.inputs["input_ids"][0].tolist()
     assert ids == expected
-    # positions: text +1; a group's block is one temporal step, a kept token at (s, s + row, s + col) of the full
-    # grid; text after a block at the full block's largest position + 1
-    rows, position, i, g, side = [], 0, 0, 0, 448 // factor
-    while i < len(ids):
-        rows.append([position] * 3)
-        position += 1
-        if ids[i] == config["vision_start_token_id"]:
-            rows += [[position, position + k // side, position + k % side] for k in plan.kept[g]]
-            position += side
-            i, g = i + 1 + len(plan.kept[g]), g + 1
-        else:
-            i += 1
-    assert torch.equal(prepared.inputs["position_ids"], torch.tensor(rows).T[:, None, :])
+    # positions: each kept token where the full layout puts it
+    assert torch.equal(prepared.inputs["position_ids"], timestamped_positions(ids, config["vision_start_token_id"], plan.kept, 448 // factor))
     # VisionZip reads the last block (all blocks attend over the whole group)
     adapter = adapter_for(eight)
     assert len(eight.model.visual.blocks) == config["vision_config"]["depth"] == 27
@@ -322,14 +341,104 @@ def test_qwen3_vl_at_release_geometry(qwen3_pair):
     assert result.plan.budgets == plan.budgets and result.sequences.shape[1] == len(ids) + 1
 
 
+# Qwen3.5 27B / 0.8B ------------------------------------------------------------------------------
+
+QWEN35_BIG, QWEN35_SMALL = "qwen3_5_27b", "qwen3_5_0_8b"
+# transformers' Qwen3VLVideoProcessor (the video processor its auto classes give qwen3_5) class default `size`: the
+# pixel budget of the whole video when a checkpoint ships no video preprocessor config
+VIDEO_PROCESSOR_DEFAULT_BUDGET = (128 * 32 * 32, 32 * 32 * 768)
+
+
+def hybrid_cut(name: str, layers: int, **widths) -> dict:
+    """Text overrides: the first `layers` layers of the released layer pattern, and narrower widths."""
+    return {"num_hidden_layers": layers, "layer_types": release_config(name)["text_config"]["layer_types"][:layers], **widths}
+
+
+@pytest.fixture(scope="module")
+def qwen35_pair():
+    # head_dim 256 and the rope parameters kept; fewer heads at the released ratios (attention 24:4 and 8:2, linear
+    # key:value 16:48 and 16:16); the released layer pattern's first 4 (27B) and 8 (0.8B) layers
+    ids = released(QWEN35_BIG, "special_tokens.json")["added_tokens"]
+    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    big = cut(QWEN35_BIG, hybrid_cut(QWEN35_BIG, 4, hidden_size=640, num_attention_heads=6, num_key_value_heads=1,
+                                     intermediate_size=17408 // 8, linear_num_key_heads=2, linear_num_value_heads=6),
+              {**NARROW_VISION, "intermediate_size": 4304 // 4, "out_hidden_size": 640}, eos=eos, pad=pad)
+    small = cut(QWEN35_SMALL, hybrid_cut(QWEN35_SMALL, 8, hidden_size=512, num_attention_heads=4, num_key_value_heads=1,
+                                         intermediate_size=3584 // 2, linear_num_key_heads=2, linear_num_value_heads=2),
+                {**NARROW_VISION, "intermediate_size": 3072 // 4, "out_hidden_size": 512}, seed=1, eos=eos, pad=pad)
+    return big, small
+
+
+def test_qwen3_5_at_release_geometry(qwen35_pair):
+    big, small = qwen35_pair
+    # the Qwen3.5 chat template was not found (SOURCE.md): the Qwen2.5-VL release template stands in, rendered with
+    # the Qwen3.5 tokenizer's special tokens at their ids
+    tokenizer = qwen_tokenizer(QWEN35_BIG, QWEN25_SEVEN)
+    config, small_config = release_config(QWEN35_BIG), release_config(QWEN35_SMALL)
+    vision = config["vision_config"]
+    factor = vision["patch_size"] * vision["spatial_merge_size"]
+    # the built models hold the released pattern's first layers: 3 linear-attention layers, then attention
+    assert big.config.text_config.layer_types == config["text_config"]["layer_types"][:4] == ["linear_attention"] * 3 + ["full_attention"]
+    assert small.config.text_config.layer_types == small_config["text_config"]["layer_types"][:8]
+    assert (big.config.text_config.head_dim, small.config.text_config.head_dim) == (256, 256)
+    assert big.config.text_config.rope_parameters["mrope_section"] == config["text_config"]["rope_parameters"]["mrope_section"] == [11, 11, 10]
+    assert (big.config.text_config.vocab_size, small.config.text_config.vocab_size) == (248320, 248320)
+    # no Qwen3.5 video preprocessor config was found (SOURCE.md): frames whose size neither the budget transformers
+    # applies without one nor the Qwen3-VL release file's changes, so the grid is the patch x merge rule alone
+    count, size = 8, 288
+    qwen3_vl = released(QWEN3_EIGHT, "video_preprocessor_config.json")["size"]
+    for low, high in (VIDEO_PROCESSOR_DEFAULT_BUDGET, (qwen3_vl["shortest_edge"], qwen3_vl["longest_edge"])):
+        assert low <= count * size * size <= high
+    assert size % factor == 0
+    groups, side = count // vision["temporal_patch_size"], size // factor
+    per_group = side * side
+    assert (factor, groups, per_group) == (32, 4, 81)
+    video = frames(count, size)
+    cache = vidtok.VideoCache(video)
+    # the released pair (27B main, 0.8B assistant: one tokenizer, one layout) is accepted
+    method = DyToK(VisionZip(0.25), guide=small)
+    prepared = prepare(big, tokenizer, video, Q, method, cache=cache)
+    plan = prepared.plan
+    assert plan.unit == "temporal_group" and plan.frames == groups and plan.tokens_per_frame == per_group
+    assert sum(plan.budgets) == round(0.25 * groups * per_group) == 81 and [len(k) for k in plan.kept] == plan.budgets
+    # the guide layers default to the last third of the assistant's attention layers: of its 8 layers 3 and 7 attend,
+    # the last third of two is the last one (the last third of all 8 layers would be 6-7, and 6 has no attention)
+    assert adapter_for(small).attention_layers == [3, 7] and adapter_for(big).attention_layers == [3]
+    assert plan.guide == "assistant" and plan.guide_layers == [7]
+    # FastV ranks at layer K-1: K = 4 (after the attention layer 3) is accepted, K = 3 (after a linear one) refused
+    adapter_for(small).check_fastv_layer(4)
+    with pytest.raises(ValueError, match="linear-attention layer"):
+        adapter_for(small).check_fastv_layer(3)
+    # the released processor's layout, as for Qwen3-VL, with the Qwen3.5 tokenizer's ids (248053-248057)
+    _, expected = chat_ids(tokenizer, "<|vision_start|><|video_pad|><|vision_end|>", timestamped_blocks(plan.budgets))
+    ids = prepared.inputs["input_ids"][0].tolist()
+    assert ids == expected
+    assert ids.count(config["video_token_id"]) == 81 and ids.count(config["vision_start_token_id"]) == groups
+    assert (config["video_token_id"], config["vision_start_token_id"]) == (248057, 248053)
+    # positions: each kept token where the full layout puts it
+    assert torch.equal(prepared.inputs["position_ids"], timestamped_positions(ids, config["vision_start_token_id"], plan.kept, side))
+    # VisionZip reads the last of the released 27 blocks; no DeepStack: the LLM gets the kept tokens only
+    assert len(big.model.visual.blocks) == vision["depth"] == 27 and len(small.model.visual.blocks) == small_config["vision_config"]["depth"] == 12
+    assert adapter_for(big)._ranking_block() is big.model.visual.blocks[26].attn
+    video_out = prepared.inputs["mm_encoder_outputs"]["video"]
+    assert not getattr(video_out, "deepstack_features", None) and video_out.pooler_output[0].shape == (81, 640)
+    result = generate(big, tokenizer, video, Q, method, cache=cache, max_new_tokens=1)
+    assert result.plan.budgets == plan.budgets and result.sequences.shape[1] == len(ids) + 1
+    # each model ran its own tower, once for both calls
+    assert cache.computed.get("vision") == 1 and cache.computed.get("guide_vision") == 1
+
+
 # pairs across families ---------------------------------------------------------------------------
 
-def test_cross_family_pairs_are_refused(llava_pair, qwen25_pair, qwen3_pair):
+def test_cross_family_pairs_are_refused(llava_pair, qwen25_pair, qwen3_pair, qwen35_pair):
     video = frames(4, 448)
     seven_q25, three_q25 = qwen25_pair
     eight, _ = qwen3_pair
     _, half = llava_pair
+    big, small = qwen35_pair
     tokenizer = qwen_tokenizer(QWEN25_SEVEN, QWEN25_SEVEN)
-    for main, guide in ((seven_q25, half), (seven_q25, eight), (eight, three_q25)):
+    qwen35_tokenizer = qwen_tokenizer(QWEN35_BIG, QWEN25_SEVEN)
+    for main, guide, words in ((seven_q25, half, tokenizer), (seven_q25, eight, tokenizer), (eight, three_q25, tokenizer),
+                               (eight, small, tokenizer), (big, eight, qwen35_tokenizer)):
         with pytest.raises(ValueError, match="does not match the main model"):
-            prepare(main, tokenizer, video, Q, DyToK(VisionZip(0.25), guide=guide))
+            prepare(main, words, video, Q, DyToK(VisionZip(0.25), guide=guide))
