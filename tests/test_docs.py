@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import vidtok
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -155,3 +157,18 @@ def test_every_figure_in_the_docs_has_its_command_next_to_it():
                 near = "\n".join(lines[max(0, i - 6): i + 1])
                 assert re.search(r"vidtok (eval|calibrate|bench|viz)|guide_curve\.py|testbed\.sh|bases(\.sh|_figure\.py)|vllm_bench\.py", near), \
                     f"{page.relative_to(ROOT)}: no command next to {image}"
+
+
+def test_the_api_index_is_current_and_every_public_name_says_what_it_is():
+    import importlib.util
+    import inspect
+
+    spec = importlib.util.spec_from_file_location("api_doc", ROOT / "scripts" / "api_doc.py")
+    api_doc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(api_doc)
+    assert (ROOT / "docs" / "api.md").read_text() == api_doc.page(), "docs/api.md is stale: python scripts/api_doc.py > docs/api.md"
+    for name in vidtok.__all__:
+        obj = getattr(vidtok, name)
+        own = obj.__doc__ if not inspect.isclass(obj) else vars(obj).get("__doc__")
+        # its own docstring: not a dataclass's generated signature, nor a base class's (ValueError's)
+        assert own and not own.startswith(f"{name}("), f"{name} has no docstring of its own"

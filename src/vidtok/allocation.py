@@ -69,6 +69,8 @@ class Allocation:
 
 @dataclass(frozen=True)
 class Even(Allocation):
+    """Every unit the same share ("uniform"): what a compressor does without a guide."""
+
     name: ClassVar[str] = "uniform"
 
     def weights(self, prior, features):
@@ -78,6 +80,8 @@ class Even(Allocation):
 
 @dataclass(frozen=True)
 class Prior(Allocation):
+    """DyToK's split ("proportional"): budgets in proportion to the guide's unit weights, capped per unit."""
+
     name: ClassVar[str] = "proportional"
     needs_prior: ClassVar[bool] = True
 
@@ -87,6 +91,8 @@ class Prior(Allocation):
 
 @dataclass(frozen=True)
 class Keyframes(Prior):
+    """Binary keyframe selection ("binary"): the guide's top units keep all their tokens, the rest none."""
+
     name: ClassVar[str] = "binary"
 
     def split(self, total, caps, *, prior=None, features=None, floor=0):
@@ -104,6 +110,8 @@ def _check_uniqueness(temperature, channels) -> None:
 
 @dataclass(frozen=True)
 class Uniqueness(Allocation):
+    """VidCom2's query-agnostic split ("uniqueness"): units weighted by how far they stand from the video's mean token."""
+
     temperature: float = field(default=0.01, metadata={"help": "softmax temperature of the units' uniqueness (VidCom2: 0.01)"})
     channels: float = field(default=0.5, metadata={"help": "share of lowest-variance channels compared (VidCom2: 0.5)"})
     name: ClassVar[str] = "uniqueness"
@@ -118,6 +126,8 @@ class Uniqueness(Allocation):
 
 @dataclass(frozen=True)
 class Mix(Allocation):
+    """weight x the guide's prior + (1 - weight) x uniqueness ("mix", "mix:W")."""
+
     weight: float = field(default=0.5, metadata={"help": "the prior's share; 1 - weight goes to uniqueness"})
     temperature: float = field(default=0.01, metadata={"help": "uniqueness softmax temperature"})
     channels: float = field(default=0.5, metadata={"help": "uniqueness channel share"})

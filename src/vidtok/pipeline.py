@@ -68,6 +68,8 @@ class Plan:
 
 @dataclass
 class Prepared:
+    """What `prepare` returns: the model inputs, the plan, and the context FastV's drop needs around the forward."""
+
     inputs: dict  # keyword arguments for model(**inputs) or model.generate(**inputs)
     plan: Plan
     # `with prepared.apply(): model.generate(**prepared.inputs)`: LLM-side methods (FastV) drop tokens
@@ -78,6 +80,8 @@ class Prepared:
 
 @dataclass
 class Result:
+    """What `generate` returns: the answer text, the plan, the generated ids (and logits when asked)."""
+
     text: str
     plan: Plan
     sequences: torch.Tensor  # prompt + new tokens

@@ -15,7 +15,7 @@ import torch
 
 
 class VideoError(ValueError):
-    pass
+    """A video that cannot be read or used: a missing or undecodable file, a bad frame count, shape or dtype."""
 
 
 def sample_indices(total: int, frames: int) -> list[int]:

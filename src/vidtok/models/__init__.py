@@ -13,20 +13,23 @@ _ADAPTERS: dict[str, type] = {}
 
 
 class UnsupportedModelError(ValueError):
-    pass
+    """The model's family has no vidtok adapter (supported_model_types() lists those that do)."""
 
 
 def register_adapter(model_type: str, adapter_cls: type) -> None:
+    """Make vidtok handle models whose config.model_type is `model_type` through `adapter_cls` (docs/models.md)."""
     if model_type in _ADAPTERS:
         raise ValueError(f"an adapter for {model_type!r} is already registered ({_ADAPTERS[model_type].__name__}); pick another model_type")
     _ADAPTERS[model_type] = adapter_cls
 
 
 def supported_model_types() -> list[str]:
+    """The config.model_type values vidtok has an adapter for."""
     return sorted(_ADAPTERS)
 
 
 def adapter_for(model):
+    """The adapter of a loaded model: what vidtok knows of its family (units, tokens, layers, prompt layout)."""
     if isinstance(model, (str, os.PathLike)):
         raise TypeError(
             f"expected a loaded model, got the path {str(model)!r}; load it first, e.g. "
