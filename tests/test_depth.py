@@ -35,6 +35,8 @@ def test_the_scaled_arithmetic():
     assert out["groups"]["low"] == {"layers_run": 2, "calls": 2, "mean_seconds": 2.0, "target_layers": 4}
     clock.calls = [(0, 1.0), (1, 1.0), (0, 3.0), (1, 3.0)]  # each layer twice (two videos in one stage): both calls count per layer
     assert clock.scaled(8.0, {"all": (range(2), 3)})["seconds"] == pytest.approx(8 - 8 + 2.0 * 2 * 3)
+    clock.calls = [(0, 1.0), (5, 4.0)]  # a call in no group stays in the fixed part, as measured
+    assert clock.scaled(10.0, {"all": (range(1), 2)})["seconds"] == pytest.approx(10 - 1 + 1.0 * 2)
     clock.calls = [(0, 1.0)]  # a group the target runs but the run never timed: an error, not a silent zero
     with pytest.raises(ValueError, match="no call of the high layers"):
         clock.scaled(1.0, {"low": (range(1), 1), "high": (range(1, 2), 1)})

@@ -10,7 +10,8 @@ measured sum by the mean time per layer times the released count:
 
 Layers doing different work form separate groups: FastV's layers before K (all tokens) and from K
 on (kept tokens only); Qwen2.5-VL's windowed and full-attention vision blocks. A guide pass runs
-only to its deepest guide layer, so its target count is that layer + 1 at the released depth.
+the layers below its deepest guide layer whole and stops inside that one (its partial time stays in
+the fixed part), so its target count is the deepest guide layer's index at the released depth.
 `benchmarks/depth_check.py` compares the scaled figures with a full-depth run of the 0.5B geometry.
 """
 
@@ -69,7 +70,8 @@ class LayerClock:
     def scaled(self, measured: float, groups: dict[str, tuple[range, int]]) -> dict:
         """`measured` seconds with the layers' time scaled: `groups` maps a name to (the run's layer
         indexes in it, the target count). Returns the scaled seconds and what went into it."""
-        total = sum(t for _, t in self.calls)
+        grouped = [t for i, t in self.calls if any(i in indexes for indexes, _ in groups.values())]
+        total = sum(grouped)  # a call in no group (none in vidtok's stages) stays in the fixed part, unscaled
         out = {"measured": measured, "layers_seconds": total, "groups": {}}
         scaled_layers = 0.0
         for name, (indexes, target) in groups.items():
