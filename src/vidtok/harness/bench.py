@@ -36,7 +36,8 @@ STAGES = ("decode", "vision", "guide_vision", "guide", "compress", "prefill")
 class BenchConfig:
     name: str = field(metadata={"help": "result folder name"})
     main: dict = field(metadata={"help": '{"toy": geometry} | {"path": folder} | {"vision": {...}, "text": {...}} '
-                                           '(+ "family": "qwen2_5_vl" and "frame_size": px for a Qwen2.5-VL geometry)'})
+                                           '(+ "family": "qwen2_5_vl" and "frame_size": px for a Qwen2.5-VL geometry; + "scale_to": the released '
+                                           'depths, {"text": {"num_hidden_layers": N}, "vision": {...}}, to time a few layers and report those)'})
     guide: dict | None = field(default=None, metadata={"help": "assistant geometry, as main; share_vision: copy main's tower"})
     frames: int = 32
     runs: list = field(default_factory=lambda: [{"method": "full"}, {"method": "visionzip", "guide": "none", "retentions": [0.25, 0.1]}])
