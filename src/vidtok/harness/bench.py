@@ -731,8 +731,9 @@ def run_bench(config: BenchConfig, out_dir, log=print) -> dict:
         report["goal"] = goal_report(results, config.goal)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}",
-               goal=config.goal)
+    scaled = ", LLM and vision depths scaled to the released ones (a few layers timed)" if "depth_scaling" in report else ""
+    plot_bench(results, out / "bench.png", f"{config.name}: {config.frames} frames x {plan.tokens_per_frame} tokens, {report['machine']['device']}"
+               f"{scaled}", goal=config.goal)
     return report
 
 
