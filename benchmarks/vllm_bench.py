@@ -122,49 +122,9 @@ def _tests_module():
 def build_qwen(folder: Path, seed: int, geometry: dict) -> Path:
     """tests/test_vllm.py's Qwen2.5-VL recipe (toy tokenizer, processor, `_sharpen`ed random weights,
     head_dim 64) at another width and depth."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    from vidtok.testbed.toy import QWEN_SPECIALS, SPECIALS, WORDS, build_tokenizer
-
-    tests = _tests_module()
     width, layers, heads, kv_heads, mlp = geometry["text"]
-    v_width, depth, v_heads, v_mlp = geometry["vision"]
-    head_dim = width // heads
-    assert head_dim == 64 and v_width // v_heads == 64, "vLLM's CPU attention takes head_dim 64"
-    tokenizer = build_tokenizer("qwen2_5_vl")
-    ids = {name: len(SPECIALS) + len(WORDS) + i for i, name in enumerate(QWEN_SPECIALS)}
-    config = Qwen2_5_VLConfig(
-        vision_config={"depth": depth, "hidden_size": v_width, "intermediate_size": v_mlp, "num_heads": v_heads,
-                       "out_hidden_size": width, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                       "window_size": 32, "fullatt_block_indexes": [depth // 2 - 1, depth - 1], "tokens_per_second": 2,
-                       "in_channels": 3},
-        text_config={"hidden_size": width, "intermediate_size": mlp, "num_hidden_layers": layers, "num_attention_heads": heads,
-                     "num_key_value_heads": kv_heads, "vocab_size": len(SPECIALS) + len(WORDS) + len(QWEN_SPECIALS),
-                     "max_position_embeddings": 4096,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]},
-                     "eos_token_id": SPECIALS.index("<|im_end|>"), "pad_token_id": SPECIALS.index("<pad>"), "bos_token_id": None,
-                     "tie_word_embeddings": True},
-        video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    tests._sharpen(model, seed)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.save_pretrained(folder)
-    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    size = {"shortest_edge": 16 * 16, "longest_edge": 16 * 16 * 1024}
-    common = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2, "size": size, "image_mean": mean, "image_std": std}
-    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tokenizer,
-                        video_processor=Qwen2VLVideoProcessor(**common, min_frames=2, max_frames=64),
-                        chat_template=tokenizer.chat_template).save_pretrained(folder)
-    tests._save_tokenizer_fixups(folder, "<|video_pad|>", "<|image_pad|>")
-    return folder
+    return _tests_module().build_qwen(folder, seed, layers, text=(width, heads, kv_heads, mlp), vision=geometry["vision"],
+                                      max_positions=4096)
 
 
 def build_pair(folder: Path, name: str) -> tuple[Path, Path]:

@@ -168,6 +168,19 @@ def _sharpen(model, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
+def _save_random(model_class, config, seed: int, folder: Path) -> None:
+    """A seeded random model of `config`, `_sharpen`ed, its end and pad ids set, saved to `folder`."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+    _sharpen(model, seed)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.save_pretrained(folder)
+
+
 def _save_tokenizer_fixups(folder: Path, video: str, image: str) -> None:
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text())
@@ -175,37 +188,37 @@ def _save_tokenizer_fixups(folder: Path, video: str, image: str) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def build_qwen(folder: Path, seed: int, text_layers: int) -> Path:
-    import torch
+def build_qwen(folder: Path, seed: int, text_layers: int, text: tuple = (128, 2, 1, 256), vision: tuple = (128, 4, 2, 256),
+               max_positions: int = 2048) -> Path:
+    """A random Qwen2.5-VL checkpoint with the toy tokenizer and a processor; `text` = (width, heads,
+    KV heads, MLP), `vision` = (width, depth, heads, MLP); head_dim 64 (vLLM's CPU attention takes it)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from vidtok.testbed.toy import QWEN_SPECIALS, SPECIALS, WORDS, build_tokenizer
 
+    width, heads, kv_heads, mlp = text
+    v_width, depth, v_heads, v_mlp = vision
+    head_dim = width // heads
+    assert head_dim == 64 and v_width // v_heads == 64, "vLLM's CPU attention takes head_dim 64"
     tokenizer = build_tokenizer("qwen2_5_vl")
     ids = {name: len(SPECIALS) + len(WORDS) + i for i, name in enumerate(QWEN_SPECIALS)}
-    head_dim = 64
     config = Qwen2_5_VLConfig(
-        vision_config={"depth": 4, "hidden_size": 128, "intermediate_size": 256, "num_heads": 2, "out_hidden_size": 128,
-                       "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32,
-                       "fullatt_block_indexes": [1, 3], "tokens_per_second": 2, "in_channels": 3},
-        text_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": text_layers, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "vocab_size": len(SPECIALS) + len(WORDS) + len(QWEN_SPECIALS),
-                     "max_position_embeddings": 2048,
+        vision_config={"depth": depth, "hidden_size": v_width, "intermediate_size": v_mlp, "num_heads": v_heads,
+                       "out_hidden_size": width, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "window_size": 32, "fullatt_block_indexes": [depth // 2 - 1, depth - 1], "tokens_per_second": 2,
+                       "in_channels": 3},
+        text_config={"hidden_size": width, "intermediate_size": mlp, "num_hidden_layers": text_layers, "num_attention_heads": heads,
+                     "num_key_value_heads": kv_heads, "vocab_size": len(SPECIALS) + len(WORDS) + len(QWEN_SPECIALS),
+                     "max_position_embeddings": max_positions,
                      "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                          "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]},
                      "eos_token_id": SPECIALS.index("<|im_end|>"), "pad_token_id": SPECIALS.index("<pad>"), "bos_token_id": None,
                      "tie_word_embeddings": True},
         video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    _sharpen(model, seed)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.save_pretrained(folder)
+    _save_random(Qwen2_5_VLForConditionalGeneration, config, seed, folder)
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     size = {"shortest_edge": 16 * 16, "longest_edge": 16 * 16 * 1024}
     common = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2, "size": size, "image_mean": mean, "image_std": std}
@@ -229,7 +242,6 @@ def _released_vision_names(folder: Path) -> None:
 
 
 def build_llava(folder: Path, seed: int, text_layers: int) -> Path:
-    import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_llava_onevision import LlavaOnevisionImageProcessor
     from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
@@ -246,13 +258,7 @@ def build_llava(folder: Path, seed: int, text_layers: int) -> Path:
                      "pad_token_id": SPECIALS.index("<pad>"), "bos_token_id": None},
         image_token_index=SPECIALS.index("<image>"), video_token_index=SPECIALS.index("<video>"), vision_feature_layer=-1,
         vision_feature_select_strategy="full", tie_word_embeddings=True, image_grid_pinpoints=[[SIZE, SIZE]])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config).eval()
-    _sharpen(model, seed)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.save_pretrained(folder)
+    _save_random(LlavaOnevisionForConditionalGeneration, config, seed, folder)
     _released_vision_names(folder)
     size = {"height": SIZE, "width": SIZE}
     common = {"size": size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
