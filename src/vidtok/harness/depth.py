@@ -22,12 +22,9 @@ from contextlib import contextmanager
 
 
 def vision_layers(model) -> list:
-    """The vision tower's repeated blocks (LLaVA-OV: SigLIP encoder layers; Qwen2.5-VL: ViT blocks)."""
-    inner = model.model
-    if hasattr(inner, "visual"):
-        return list(inner.visual.blocks)
-    tower = inner.vision_tower
-    return list(getattr(tower, "vision_model", tower).encoder.layers)
+    from ..models import adapter_for
+
+    return list(adapter_for(model).vision_layers)
 
 
 class LayerClock:

@@ -237,6 +237,11 @@ class VideoAdapter:
         raise NotImplementedError
 
     @property
+    def vision_layers(self):
+        """The vision tower's repeated blocks, in order."""
+        raise NotImplementedError
+
+    @property
     def device(self):
         return next(self.model.parameters()).device
 

@@ -132,10 +132,15 @@ class LlavaOnevisionAdapter(VideoAdapter):
 
     # vision --------------------------------------------------------------------------------
 
+    @property
+    def vision_layers(self):
+        """SigLIP's encoder layers."""
+        tower = self.inner.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
     def _feature_attention_module(self):
         config = self.model.config
-        tower = self.inner.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers
+        layers = self.vision_layers
         feature_layer = config.vision_feature_layer
         if not isinstance(feature_layer, int):
             feature_layer = feature_layer[-1]

@@ -230,8 +230,13 @@ class Qwen2_5_VLAdapter(VideoAdapter):
 
     # vision --------------------------------------------------------------------------------
 
+    @property
+    def vision_layers(self):
+        """The ViT's blocks (windowed and full-attention)."""
+        return self.inner.visual.blocks
+
     def _ranking_block(self):
-        blocks = self.inner.visual.blocks
+        blocks = self.vision_layers
         full = [i for i in self.model.config.vision_config.fullatt_block_indexes if i < len(blocks)]
         if not full:
             raise ValueError("the vision encoder has no full-attention block to rank tokens by (fullatt_block_indexes is empty)")

@@ -108,7 +108,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     def _ranking_block(self):
         # every block attends over the whole group; the last one's output is what the merger turns into LLM tokens
-        return self.inner.visual.blocks[-1].attn
+        return self.vision_layers[-1].attn
 
     def encode_video(self, pixels: QwenVideo, signals: bool = False) -> EncodedVideo:
         """QwenVideo -> features [U, T, D] (merger output, raster within a group), the DeepStack
