@@ -83,3 +83,35 @@ def test_a_batch_out_of_memory_is_answered_one_record_at_a_time(toy, tmp_path, m
     monkeypatch.setattr(pipeline, "generate", small_memory)
     four = evaluate(EvalConfig(out=str(tmp_path / "four"), batch_size=4, **settings), *toy, progress=False, log=lambda *_: None)
     assert [s["accuracy"] for s in four] == [s["accuracy"] for s in one] and all(s["failed"] == 0 for s in four)
+
+
+def test_predictions_are_fsynced_once_per_batch_and_readable_before(toy, tmp_path, monkeypatch):
+    import os
+
+    from vidtok.harness import files
+
+    split = tmp_path / "split"
+    write_split(split, seed=32, count=6)
+    synced, seen = [], []
+    real = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith("predictions.jsonl"):
+            synced.append(path)
+        real(fd)
+
+    real_append = files.JsonlLog.append
+
+    def append(self, record, durable=True):
+        real_append(self, record, durable)
+        # before any fsync the line is already the OS's: another reader (a resume after a kill) sees it
+        seen.append(json.loads(self.path.read_text().splitlines()[-1]) == record)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.JsonlLog, "append", append)
+    settings = dict(split=str(split), methods=["visionzip"], guides=["none", "assistant"], retentions=[0.25])
+    summaries = evaluate(EvalConfig(out=str(tmp_path / "out"), batch_size=4, **settings), *toy, progress=False, log=lambda *_: None)
+    assert len(summaries) == 3 and all(seen) and len(seen) == 3 * 6
+    # 3 folders x 2 batches (4 + 2 records): one fsync each, not one per line
+    assert sorted(synced.count(p) for p in set(synced)) == [2, 2, 2]

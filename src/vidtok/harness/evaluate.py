@@ -2,7 +2,7 @@
 
 One result folder per configuration, named from it (`visionzip-assistant-r0.125`), holding
 identity.json (what produced it: split hash, limit, seed, layers, model, assistant and tokenizer
-fingerprints, method, vidtok version), predictions.jsonl (one fsync'd line per sample, failed
+fingerprints, method, vidtok version), predictions.jsonl (one line per sample, fsync'd once per batch, failed
 samples with their reason) and results.json (accuracy with a 95% Wilson interval, needle-token
 survival, mean kept tokens and seconds, failures). An interrupted run resumes from the last
 finished sample; results of a different evaluation are never reused. A PNG of accuracy vs
@@ -319,7 +319,7 @@ class _Run:
         return row is None or "failed" in row  # failures are retried: a fixed video then counts
 
     def add(self, row: dict) -> None:
-        self.log.append(row)
+        self.log.append(row, durable=False)  # fsync'd with the rest of its batch (`evaluate`)
         self.rows[row["index"]] = row
         self.changed = True
 
@@ -357,8 +357,8 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
     Each configuration's folder records the identity of what produced it (`run_identity`): a
     folder whose identity matches is resumed sample by sample (a finished one is not recomputed);
     one whose identity differs is an error before any compute, unless `overwrite`, which
-    recomputes it. Each sample is appended to predictions.jsonl and fsync'd as soon as it is
-    done. A sample whose video is unreadable or whose record is impossible is recorded as failed
+    recomputes it. Each sample is appended to predictions.jsonl as soon as it is done (a
+    killed run keeps it), and each batch's lines are fsync'd together. A sample whose video is unreadable or whose record is impossible is recorded as failed
     with its reason and counted apart; the run goes on.
     """
     import hashlib
@@ -420,6 +420,8 @@ def evaluate(config: EvalConfig, model, tokenizer, assistant=None, progress: boo
             with tqdm(total=len(todo), disable=not progress, desc="eval") as bar:
                 for start in range(0, len(todo), size):  # a kill costs at most the batch in flight
                     _evaluate_records(todo[start : start + size], records, states, methods, adapter, model, tokenizer, generate, sharing)
+                    for state in states.values():  # one fsync per folder per batch, not one per line
+                        state.log.sync()
                     bar.update(len(todo[start : start + size]))
         finally:
             for state in states.values():

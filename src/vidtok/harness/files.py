@@ -74,7 +74,10 @@ def atomic_write_json(path, data) -> None:
 
 
 class JsonlLog:
-    """Append-only JSONL, one fsync'd line per record: a kill loses at most the line being written.
+    """Append-only JSONL, one line per record, each flushed to the OS as it is written: a killed
+    process loses at most the line being written. `append(..., durable=False)` leaves the fsync
+    to a later `sync()` (once per batch of lines): a crash of the machine itself may then lose
+    the lines since the last sync, which are recomputed on resume like any missing line.
 
     Reading back: a last line without its newline (or that is not JSON) is a torn write; it is
     reported, cut off, and its record is missing (to be recomputed). A damaged line elsewhere is
@@ -84,6 +87,7 @@ class JsonlLog:
     def __init__(self, path):
         self.path = Path(path)
         self._file = None
+        self._unsynced = False
 
     def read(self, check=None) -> tuple[list[dict], list[str]]:
         """(records, problems found) ; repairs the file so that appending continues cleanly.
@@ -116,14 +120,23 @@ class JsonlLog:
             atomic_write_text(self.path, "".join(line.decode() + "\n" for line in good))
         return records, problems
 
-    def append(self, record: dict) -> None:
+    def append(self, record: dict, durable: bool = True) -> None:
         if self._file is None:
             self._file = open(self.path, "a")
         self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._file.flush()  # in the OS's hands: a kill of this process no longer loses it
+        self._unsynced = True
+        if durable:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what was appended since the last sync (nothing to do if nothing was)."""
+        if self._file is not None and self._unsynced:
+            os.fsync(self._file.fileno())
+        self._unsynced = False
 
     def close(self) -> None:
         if self._file is not None:
+            self.sync()
             self._file.close()
             self._file = None
