@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from vidtok import DyToK, FrameSignals, Full, Random, Uniform, VisionZip, adapter_for
+from vidtok.compressors.diverse import DiverseSelect
+from vidtok.compressors.segmerge import SegmentMerge
 from vidtok.compressors.visionzip import visionzip_frame
 
 
@@ -74,6 +76,36 @@ def test_kept_count_is_the_budget_and_order_is_spatial(compressor, budgets):
         assert k == sorted(k) and len(set(k)) == len(k) and all(0 <= i < 16 for i in k)
     if budgets == [16] * 4:
         assert torch.equal(tokens, features.flatten(0, 1))
+
+
+@pytest.mark.parametrize("compressor", [Uniform(), Random(seed=3), VisionZip(), DiverseSelect(), SegmentMerge(0.5)])
+def test_a_batch_compresses_as_each_video_alone(compressor):
+    # videos of different frame counts and budgets, signals with a companion width: one call = one call each
+    g = torch.Generator().manual_seed(5)
+    videos = []
+    for frames, budgets in ((4, [16, 0, 5, 1]), (2, [3, 7]), (3, [5, 5, 1])):
+        sig = signals(frames, 16, seed=frames)
+        videos.append((torch.randn(frames, 16, 8, generator=g), budgets, FrameSignals(sig.attention, sig.metric, width=6)))
+    together = compressor.compress_batch(videos)
+    assert len(together) == 3
+    for (features, budgets, sig), (tokens, kept) in zip(videos, together):
+        alone_tokens, alone_kept = compressor.compress(features, budgets, sig)
+        assert kept == alone_kept
+        assert torch.allclose(tokens, alone_tokens, atol=1e-6, rtol=0)
+    assert compressor.per_frame == (type(compressor) in (Uniform, VisionZip, DiverseSelect))
+
+
+def test_a_batch_of_different_token_grids_or_bad_budgets():
+    sig = signals(2, 16)
+    a = (torch.randn(2, 16, 8), [4, 4], sig)
+    b = (torch.randn(2, 9, 8), [4, 4], signals(2, 9))  # another grid: compressed alone, still right
+    for (features, budgets, s), (tokens, kept) in zip((a, b), VisionZip().compress_batch([a, b])):
+        assert kept == VisionZip().compress(features, budgets, s)[1]
+    # a bad budget names its own video's frame, not a position in the joined batch
+    with pytest.raises(ValueError, match="frame 1: budget 17 outside 0..16"):
+        VisionZip().compress_batch([a, (torch.randn(2, 16, 8), [4, 17], sig)])
+    with pytest.raises(ValueError, match="3 budgets for 2 frames"):
+        Uniform().compress_batch([a, (torch.randn(2, 16, 8), [1, 1, 1], sig)])
 
 
 def test_order_flag_keeps_the_compressors_own_order():

@@ -634,8 +634,10 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
         for n, p in own.items():
             items[n]["agreement"] = {**guide_agreement(passes[n].weights, p.weights), "main_weights": [float(w) for w in p.weights],
                                      "main_layers": own_layers}
-    return [_finish(item, passes.get(n), adapter, tokenizer, base, dytok, encoder, fastv, inline, layers, len(items))
-            for n, item in enumerate(items)]
+    for n, item in enumerate(items):
+        _allocate(item, passes.get(n), dytok)
+    _compress(items, encoder, sync)
+    return [_finish(item, adapter, tokenizer, base, dytok, fastv, inline, layers, len(items)) for item in items]
 
 
 def _encode(adapter, items, encoder, sync) -> None:
@@ -666,35 +668,57 @@ def _encode(adapter, items, encoder, sync) -> None:
             item["encoded"] = item["cache"].fetch(("vision", id(model), item["signals"]), "vision", item["timer"], None, model)
 
 
-def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, inline, layers, batch) -> Prepared:
-    """Allocate, compress and build one item's inputs and plan."""
-    encoded, timer = item["encoded"], item["timer"]
-    features, newline = encoded.features, encoded.newline
-    num_frames, per_frame = item["units"], item["per_unit"]
-    vision_budget, llm_budget, compressing, dropping = item["vision_budget"], item["llm_budget"], item["compressing"], item["dropping"]
+def _allocate(item, guide_pass, dytok) -> None:
+    """An item's per-unit budgets before the LLM: DyToK's split of its guide's prior (or of none,
+    when it reads no guide), else an even split."""
     weights = None if guide_pass is None else guide_pass.weights
     # the split runs here with a guide pass's prior, or with none when it reads no guide (uniqueness)
     split = dytok is not None and (weights is not None or dytok.guide is None)
     prior = None if weights is None else weights.tolist()
-    if split and compressing:
-        vision_budgets = dytok.budgets(prior, vision_budget, per_frame, features=features)
+    if split and item["compressing"]:
+        budgets = dytok.budgets(prior, item["vision_budget"], item["per_unit"], features=item["encoded"].features)
     else:  # static, or nothing dropped before the LLM (FastV alone): DyToK's cap and floor shape FastV's split only
-        vision_budgets = allocate_budgets([1.0] * num_frames, vision_budget, per_frame)
+        budgets = allocate_budgets([1.0] * item["units"], item["vision_budget"], item["per_unit"])
+    item.update(guide_pass=guide_pass, weights=weights, split=split, prior=prior, vision_budgets=budgets)
 
-    with timer("compress"):
-        widths = [features.shape[-1]] + [c.shape[-1] for c in encoded.companions]
-        if compressing:  # companions (DeepStack) ride along as extra channels: the same tokens, merged the same way
-            stacked = torch.cat([features, *encoded.companions], dim=-1) if encoded.companions else features
-            signals = dataclasses.replace(encoded.signals or FrameSignals(), width=features.shape[-1])
-            tokens, kept = encoder.compress(stacked, vision_budgets, signals)
-            tokens, *companions = tokens.split(widths, dim=-1)
-        else:
-            tokens, kept = features.flatten(0, 1), [list(range(per_frame)) for _ in range(num_frames)]
-            companions = [c.flatten(0, 1) for c in encoded.companions]
-        video_embeds = torch.cat([tokens, newline])
+
+def _compress(items, encoder, sync) -> None:
+    """Every item's kept tokens: those of the items that compress from one compress_batch call
+    (each charged its share of the time), the others all of theirs."""
+    todo = [item for item in items if item["compressing"]]
+    videos = []
+    for item in todo:  # companions (DeepStack) ride along as extra channels: the same tokens, merged the same way
+        encoded = item["encoded"]
+        stacked = torch.cat([encoded.features, *encoded.companions], dim=-1) if encoded.companions else encoded.features
+        videos.append((stacked, item["vision_budgets"], dataclasses.replace(encoded.signals or FrameSignals(), width=encoded.features.shape[-1])))
+    seconds: dict[str, float] = {}
+    with _Timer(seconds, sync)("compress"):
+        compressed = encoder.compress_batch(videos) if videos else []
+    for item, (tokens, kept) in zip(todo, compressed):
+        encoded = item["encoded"]
+        tokens, *companions = tokens.split([encoded.features.shape[-1]] + [c.shape[-1] for c in encoded.companions], dim=-1)
+        item.update(tokens=tokens, kept=kept, companions=companions)
+        item["timer"].seconds["compress"] = item["timer"].seconds.get("compress", 0.0) + seconds["compress"] / len(todo)
+    for item in items:
+        if not item["compressing"]:
+            encoded = item["encoded"]
+            item.update(tokens=encoded.features.flatten(0, 1), kept=[list(range(item["per_unit"])) for _ in range(item["units"])],
+                        companions=[c.flatten(0, 1) for c in encoded.companions])
+
+
+def _finish(item, adapter, tokenizer, base, dytok, fastv, inline, layers, batch) -> Prepared:
+    """Build one item's inputs and plan from its kept tokens."""
+    encoded, timer = item["encoded"], item["timer"]
+    features = encoded.features
+    num_frames, per_frame = item["units"], item["per_unit"]
+    vision_budget, llm_budget, dropping = item["vision_budget"], item["llm_budget"], item["dropping"]
+    weights, split, prior, vision_budgets = item["weights"], item["split"], item["prior"], item["vision_budgets"]
+    tokens, kept = item["tokens"], item["kept"]
+    with timer("compress"):  # building the inputs is charged to the stage that shaped them, as before batching
+        video_embeds = torch.cat([tokens, encoded.newline])
         input_ids = adapter.prompt_ids(tokenizer, item["question"], [len(k) for k in kept], item["pixels"])
         _check_length(adapter, input_ids, "model")
-        inputs = adapter.model_inputs(input_ids, video_embeds, encoded, kept, companions)
+        inputs = adapter.model_inputs(input_ids, video_embeds, encoded, kept, item["companions"])
 
     plan = Plan(
         method=base.label,
@@ -715,7 +739,7 @@ def _finish(item, guide_pass, adapter, tokenizer, base, dytok, encoder, fastv, i
         unit=adapter.unit,
         allocation=str(dytok.allocation) if dytok else "uniform",
         batch_size=batch,
-        guide_shared=None if guide_pass is None else guide_pass.shared,
+        guide_shared=None if item["guide_pass"] is None else item["guide_pass"].shared,
         guide_agreement=item.get("agreement"),
     )
     apply = nullcontext

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -42,6 +43,9 @@ class Compressor:
     # which of the vision tower's signals it reads (FrameSignals fields); a family that cannot give one is refused up front
     signals: ClassVar[tuple[str, ...]] = ()
     side: ClassVar[str] = "vision"  # where tokens go: "vision" (before the LLM), "llm" (inside it), "both"
+    # select_frames reads each frame's own tokens and signals, never its position in the video:
+    # the frames of several videos can then go through one call (compress_batch)
+    per_frame: ClassVar[bool] = False
 
     @property
     def label(self) -> str:
@@ -63,15 +67,12 @@ class Compressor:
 
     def compress(self, features: torch.Tensor, budgets: list[int], signals: FrameSignals | None = None):
         """features [F, T, D] -> (tokens [sum(budgets), D], kept indices per frame)."""
+        _check_budgets(features, budgets)
         frames, tokens_per_frame, _ = features.shape
-        if len(budgets) != frames:
-            raise ValueError(f"{len(budgets)} budgets for {frames} frames")
         signals = signals or FrameSignals()
         chosen: dict[int, tuple] = {}
         partial: dict[int, list[int]] = {}  # budget -> the frames that keep that many of their tokens
         for f, budget in enumerate(budgets):
-            if not 0 <= budget <= tokens_per_frame:
-                raise ValueError(f"frame {f}: budget {budget} outside 0..{tokens_per_frame}")
             if budget == tokens_per_frame:
                 chosen[f] = torch.arange(tokens_per_frame), features[f]
             elif budget == 0:
@@ -87,5 +88,32 @@ class Compressor:
                 chosen[f] = frame_index, frame_tokens
         return torch.cat([chosen[f][1] for f in range(frames)], dim=0), [chosen[f][0].tolist() for f in range(frames)]
 
+    def compress_batch(self, videos: list[tuple[torch.Tensor, list[int], FrameSignals | None]]) -> list[tuple[torch.Tensor, list[list[int]]]]:
+        """`compress` on each (features, budgets, signals) of a batch, results in order. A `per_frame`
+        compressor runs the frames of all videos as one video, so that each distinct budget is one
+        select_frames call for the whole batch; others, or videos of different token grids, one
+        video at a time."""
+        for features, budgets, _ in videos:
+            _check_budgets(features, budgets)
+        signals = [s or FrameSignals() for _, _, s in videos]
+        kinds = {(tuple(f.shape[1:]), f.dtype, f.device, s.width, s.attention is None, s.metric is None) for (f, _, _), s in zip(videos, signals)}
+        if not self.per_frame or len(videos) < 2 or len(kinds) > 1:
+            return [self.compress(features, budgets, s) for (features, budgets, _), s in zip(videos, signals)]
+        joint = FrameSignals(*(None if getattr(signals[0], name) is None else torch.cat([getattr(s, name) for s in signals])
+                               for name in ("attention", "metric")), width=signals[0].width)
+        tokens, kept = self.compress(torch.cat([f for f, _, _ in videos]), [b for _, budgets, _ in videos for b in budgets], joint)
+        tokens = tokens.split([sum(budgets) for _, budgets, _ in videos])
+        frames = [0, *itertools.accumulate(f.shape[0] for f, _, _ in videos)]
+        return [(t, kept[a:b]) for t, a, b in zip(tokens, frames, frames[1:])]
+
     def __str__(self) -> str:
         return f"{self.name}(retention={self.retention:g})"
+
+
+def _check_budgets(features: torch.Tensor, budgets: list[int]) -> None:
+    frames, tokens_per_frame, _ = features.shape
+    if len(budgets) != frames:
+        raise ValueError(f"{len(budgets)} budgets for {frames} frames")
+    for f, budget in enumerate(budgets):
+        if not 0 <= budget <= tokens_per_frame:
+            raise ValueError(f"frame {f}: budget {budget} outside 0..{tokens_per_frame}")

@@ -43,5 +43,8 @@ class Composed(Compressor):
     def compress(self, features, budgets, signals=None):
         return self.encoder.compress(features, budgets, signals)  # an encoder that merges across units has its own
 
+    def compress_batch(self, videos):
+        return self.encoder.compress_batch(videos)
+
     def __str__(self) -> str:
         return f"composed({self.encoder}, {self.llm})"

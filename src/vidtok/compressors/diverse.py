@@ -94,6 +94,7 @@ class DiverseSelect(Compressor):
                           "0 diversity alone, larger leans more on attention"},
     )
     name: ClassVar[str] = "diverse"
+    per_frame: ClassVar[bool] = True
     needs_vision_signals: ClassVar[bool] = True
     signals: ClassVar[tuple[str, ...]] = ("attention",)
 

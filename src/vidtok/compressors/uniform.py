@@ -13,6 +13,7 @@ class Uniform(Compressor):
     """A fixed spatial subsample: `budget` tokens at an even stride through the frame's raster order."""
 
     name: ClassVar[str] = "uniform"
+    per_frame: ClassVar[bool] = True
 
     def select(self, features, budget, frame, signals):
         index, tokens = self.select_frames(features[None], [0], budget, signals)

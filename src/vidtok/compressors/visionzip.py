@@ -63,6 +63,7 @@ class VisionZip(Compressor):
 
     dominant_ratio: float = field(default=6 / 7, metadata={"help": "share of a frame's budget kept as dominant tokens"})
     name: ClassVar[str] = "visionzip"
+    per_frame: ClassVar[bool] = True
     needs_vision_signals: ClassVar[bool] = True
     signals: ClassVar[tuple[str, ...]] = ("attention", "metric")
 
