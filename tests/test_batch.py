@@ -238,3 +238,26 @@ def test_caches_in_a_batch_are_one_per_item_or_one_for_all():
     assert all("vision_reused" in r.plan.seconds for r in again) and not any("vision_reused" in r.plan.seconds for r in first)
     with pytest.raises(ValueError, match="belongs to another video"):  # one cache given for two different videos
         vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], None, cache=caches[0])
+
+
+def test_one_encode_through_a_cache_serves_every_method(family):
+    name, model, assistant, tokenizer = family
+    video = _videos(1)[0]
+
+    def run(vision_attention):
+        cache = vidtok.VideoCache(video)
+        model.set_attn_implementation({"vision_config": vision_attention})
+        try:
+            for key, method in _methods(assistant).items():
+                shared = vidtok.generate(model, tokenizer, video, QUESTIONS[1], method, cache=cache, **GENERATION)
+                alone = vidtok.generate(model, tokenizer, video, QUESTIONS[1], method, **GENERATION)
+                assert torch.equal(shared.sequences, alone.sequences) and torch.equal(shared.logits, alone.logits), key
+                assert shared.plan.kept == alone.plan.kept, key
+        finally:
+            model.set_attn_implementation({"vision_config": "sdpa"})
+        return cache.computed["vision"]
+
+    # reading VisionZip's signals runs the stock sdpa kernel: on an sdpa tower one encode (signals read) serves all
+    assert run("sdpa") == 1
+    # an eager tower's plain encode is not that kernel: a method that reads no signals gets its own, exact encode
+    assert run("eager") == 2

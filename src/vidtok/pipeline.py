@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import flops
-from ._seam import drop_tokens, observe_attention
+from ._seam import attention_implementations, drop_tokens, observe_attention
 from .budget import allocate_budgets, total_budget
 from .compressors import Composed, Compressor, DyToK, FastV, FrameSignals, Full
 from .compressors.fastv import fastv_keep
@@ -644,11 +644,15 @@ def _encode(adapter, items, encoder, sync) -> None:
     """Each item's encoded video: from its cache, else computed in one vision-tower call per kind
     (VisionZip's signals read or not) for every video not yet encoded; each is charged its share."""
     model = adapter.model
+    # Reading the signals runs the tower's attention through the stock sdpa kernel with an observer:
+    # where the tower runs sdpa anyway, its features are then bitwise a plain encode's, so a shared
+    # cache always reads them (a small share of the tower's work) and one encode serves every method.
+    rich = attention_implementations(model).get("vision_config") == "sdpa"
     todo: dict = {}
     for item in items:
-        item["signals"] = item["compressing"] and encoder.needs_vision_signals
-        cache, key = item["cache"], ("vision", id(model), item["signals"])
-        if cache is not None and cache.has(key, model):
+        cache = item["cache"]
+        item["signals"] = (item["compressing"] and encoder.needs_vision_signals) or (cache is not None and rich)
+        if cache is not None and cache.has(("vision", id(model), item["signals"]), model):
             continue
         # items that share a cache share its video: encoded once, the others reuse it below
         todo.setdefault(item["signals"], {}).setdefault(id(item) if cache is None else id(cache), item)
