@@ -66,6 +66,10 @@ def llm_floor(model, tokenizer, lengths: list[int], size: int, repeats: int = 3)
             "speedup": per_prompt[1] / per_prompt[size]}
 
 
+NAMES = {"generate": "LLM: prefill + decoding", "harness": "harness: mp4 decoding, scoring, files", "compress": "compression + inputs",
+         "vision": "vision tower", "guide": "guide passes", "guide_vision": "assistant's vision", "decode": "frame preprocessing"}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -73,18 +77,18 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     stages = sorted({s for r in rows for s in r["stage_seconds"]}, key=lambda s: -rows[0]["stage_seconds"].get(s, 0.0))
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(rows)))
+    fig, ax = plt.subplots(figsize=(8, 2.4 + 0.45 * len(rows)))
     labels = [f"batch {r['batch_size']} ({r['speedup_over_batch_1']:.2f}x)" for r in rows]
     left = [0.0] * len(rows)
     for stage in stages:
         widths = [r["stage_seconds"].get(stage, 0.0) for r in rows]
-        ax.barh(labels, widths, left=left, label=stage)
+        ax.barh(labels, widths, left=left, label=NAMES.get(stage, stage))
         left = [a + b for a, b in zip(left, widths)]
     ax.invert_yaxis()
-    ax.set_xlabel("seconds for the whole evaluation")
-    ax.set_title("vidtok eval: where the seconds go, by batch size")
-    ax.legend(fontsize=8, ncol=len(stages), loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.2))
-    fig.tight_layout()
+    ax.set_xlabel("seconds for the whole evaluation (median run)")
+    ax.set_title("vidtok eval on the toy testbed: where the seconds go, by batch size", fontsize=10)
+    fig.legend(fontsize=8, ncol=3, loc="lower center")
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
