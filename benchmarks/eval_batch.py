@@ -1,17 +1,17 @@
 """`vidtok eval` questions per second at several batch sizes, side by side in one process.
 
     vidtok synth data/test16 --count 200 --seed 1
-    python benchmarks/eval_batch.py --split data/test16 --out benchmarks/results/eval-batch
+    python benchmarks/eval_batch.py --split data/test16 --out benchmarks/results/eval-batch --repeats 3 --llm-floor
 
 Runs the evaluation's default configurations (37: full, then visionzip, uniform and random x
 guides none, self and assistant x 4 retentions) with the shipped toy pair, the models loaded
 once beforehand, each batch size into a fresh result folder; writes eval_batch.json with the
 seconds (the median of `--repeats` runs, the batch sizes alternated), answers per second and
-the ratio to batch size 1, and where the seconds went: each
-stage's seconds summed over every prediction's plan (a batched stage charges each item its
-share), the rest ("harness": scoring, writing, glue) by difference. eval_batch.png draws them.
+the ratio to batch size 1, and where the seconds went: each stage's seconds summed over every
+prediction's plan (a batched stage charges each item its share), the rest ("harness": mp4
+decoding, scoring, writing, glue) by difference. eval_batch.png draws them.
 `--llm-floor` adds what the LLM stage alone gives: model.generate on random prompts of the
-evaluation's lengths, batch 1 against the largest batch size, timed side by side.
+evaluation's lengths, batch 1 against the last batch size listed, timed side by side.
 """
 
 from __future__ import annotations
@@ -43,27 +43,33 @@ def stage_seconds(root: Path) -> dict[str, float]:
 
 def llm_floor(model, tokenizer, lengths: list[int], size: int, repeats: int = 3) -> dict:
     """Seconds of model.generate (2 new tokens, greedy) per prompt of each length, batch 1 vs
-    `size`, alternated so that drift on this machine hits both alike; summed over `lengths`."""
+    `size`, alternated so that drift on this machine hits both alike; per distinct length and
+    summed over `lengths` (one per configuration: the evaluation's mix)."""
     import torch
 
     embed = model.get_input_embeddings()
-    spent = {1: 0.0, size: 0.0}
+    distinct = sorted(set(lengths))
+    spent = {(n, b): 0.0 for n in distinct for b in (1, size)}
+
+    def once(length, batch):
+        x = embed(torch.randint(3, 20, (batch, length)))
+        mask = torch.ones(batch, length, dtype=torch.long)
+        start = time.perf_counter()
+        model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        return (time.perf_counter() - start) / batch
+
     with torch.inference_mode():
-        for length in lengths:
-            for batch in (1, size):  # warm the shapes
-                x = embed(torch.randint(3, 20, (batch, length)))
-                model.generate(inputs_embeds=x, attention_mask=torch.ones(batch, length, dtype=torch.long), max_new_tokens=2, do_sample=False)
+        for length in distinct:  # warm the shapes
+            once(length, 1), once(length, size)
         for _ in range(repeats):
-            for length in lengths:
+            for length in distinct:
                 for batch in (1, size):
-                    x = embed(torch.randint(3, 20, (batch, length)))
-                    mask = torch.ones(batch, length, dtype=torch.long)
-                    start = time.perf_counter()
-                    model.generate(inputs_embeds=x, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
-                    spent[batch] += (time.perf_counter() - start) / batch
-    per_prompt = {b: s / repeats for b, s in spent.items()}
-    return {"prompt_lengths": lengths, "batch_size": size, "seconds_per_prompt_mix": {str(b): s for b, s in per_prompt.items()},
-            "speedup": per_prompt[1] / per_prompt[size]}
+                    spent[length, batch] += once(length, batch) / repeats
+    mix = {b: sum(spent[n, b] for n in lengths) for b in (1, size)}
+    return {"prompt_lengths": lengths, "batch_size": size,
+            "per_length": [{"length": n, "seconds_per_prompt": {"1": spent[n, 1], str(size): spent[n, size]},
+                            "speedup": spent[n, 1] / spent[n, size]} for n in distinct],
+            "seconds_per_prompt_mix": {str(b): s for b, s in mix.items()}, "speedup": mix[1] / mix[size]}
 
 
 NAMES = {"generate": "LLM: prefill + decoding", "harness": "harness: mp4 decoding, scoring, files", "compress": "compression + inputs",
@@ -105,6 +111,8 @@ def main() -> None:
     importlib.import_module("matplotlib.pyplot")  # imported once here, not inside the first batch size's timing
 
     sizes = [int(x) for x in args.batch_sizes.split(",")]
+    if sizes[0] != 1:
+        parser.error("--batch-sizes must start with 1: every ratio is to batch size 1")
     runs: dict[int, list[dict]] = {size: [] for size in sizes}
     kept = []
     for repeat in range(args.repeats):  # the sizes alternate: this VM's speed drifts by a fifth over minutes
@@ -142,7 +150,7 @@ def main() -> None:
         adapter = adapter_for(model)
         # the prompt around the kept tokens: template, question and the trailing newline token
         text = adapter.input_ids(tokenizer, read_split(args.split)[0]["question"], adapter.trailing_tokens).shape[1]
-        result["llm_floor"] = llm_floor(model, tokenizer, [n + text for n in kept], rows[-1]["batch_size"])
+        result["llm_floor"] = llm_floor(model, tokenizer, [n + text for n in kept], rows[-1]["batch_size"], max(3, args.repeats))
         print(f"LLM stage alone, batch {rows[-1]['batch_size']} vs 1: {result['llm_floor']['speedup']:.2f}x", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -149,11 +149,11 @@ def test_cli_full_disk_is_one_line_and_keeps_finished_work(capsys, tmp_path, mon
     write_split(tmp_path / "split", seed=3, count=3)
     real, calls = JsonlLog.append, []
 
-    def append(self, record):
+    def append(self, record, durable=True):
         calls.append(record)
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        real(self, record)
+        real(self, record, durable)
 
     monkeypatch.setattr(JsonlLog, "append", append)
     args = ["eval", str(tmp_path / "split"), "--methods", "visionzip", "--guides", "none", "--retentions", "0.5", "--out", str(tmp_path / "e"), "--quiet"]

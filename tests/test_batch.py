@@ -245,7 +245,7 @@ def test_one_encode_through_a_cache_serves_every_method(family):
     video = _videos(1)[0]
 
     def run(vision_attention):
-        cache = vidtok.VideoCache(video)
+        cache = vidtok.VideoCache(video, signals=True)
         model.set_attn_implementation({"vision_config": vision_attention})
         try:
             for key, method in _methods(assistant).items():
@@ -261,3 +261,30 @@ def test_one_encode_through_a_cache_serves_every_method(family):
     assert run("sdpa") == 1
     # an eager tower's plain encode is not that kernel: a method that reads no signals gets its own, exact encode
     assert run("eager") == 2
+
+
+def test_signals_are_read_for_every_encode_only_when_the_cache_asks(family, monkeypatch):
+    name, model, assistant, tokenizer = family
+    adapter = vidtok.adapter_for(model)
+    asked = []
+    original = type(adapter).encode_videos
+    monkeypatch.setattr(type(adapter), "encode_videos", lambda self, videos, signals=False: asked.append(signals) or original(self, videos, signals))
+    videos = _videos(2)
+    for caches in (None, [vidtok.VideoCache(v) for v in videos], [vidtok.VideoCache(v, signals=True) for v in videos]):
+        vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], Uniform(0.5), cache=caches, max_new_tokens=1)
+    vidtok.generate(model, tokenizer, videos, QUESTIONS[:2], VisionZip(0.5), max_new_tokens=1)
+    assert asked == [False, False, True, True]
+
+
+def test_a_cached_encode_is_not_served_after_the_towers_kernel_changes(family):
+    name, model, assistant, tokenizer = family
+    video = _videos(1)[0]
+    cache = vidtok.VideoCache(video)
+    vidtok.generate(model, tokenizer, video, QUESTIONS[0], Uniform(0.5), cache=cache, max_new_tokens=1)
+    model.set_attn_implementation({"vision_config": "eager"})
+    try:
+        shared = vidtok.generate(model, tokenizer, video, QUESTIONS[0], Uniform(0.5), cache=cache, **GENERATION)
+        alone = vidtok.generate(model, tokenizer, video, QUESTIONS[0], Uniform(0.5), **GENERATION)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    assert cache.computed["vision"] == 2 and torch.equal(shared.logits, alone.logits)

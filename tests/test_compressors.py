@@ -101,11 +101,28 @@ def test_a_batch_of_different_token_grids_or_bad_budgets():
     b = (torch.randn(2, 9, 8), [4, 4], signals(2, 9))  # another grid: compressed alone, still right
     for (features, budgets, s), (tokens, kept) in zip((a, b), VisionZip().compress_batch([a, b])):
         assert kept == VisionZip().compress(features, budgets, s)[1]
-    # a bad budget names its own video's frame, not a position in the joined batch
-    with pytest.raises(ValueError, match="frame 1: budget 17 outside 0..16"):
+    # a mistake names its video and that video's own frame, not a position in the joined batch
+    with pytest.raises(ValueError, match="video 1 of the batch: frame 1: budget 17 outside 0..16"):
         VisionZip().compress_batch([a, (torch.randn(2, 16, 8), [4, 17], sig)])
-    with pytest.raises(ValueError, match="3 budgets for 2 frames"):
+    with pytest.raises(ValueError, match="video 1 of the batch: 3 budgets for 2 frames"):
         Uniform().compress_batch([a, (torch.randn(2, 16, 8), [1, 1, 1], sig)])
+    # signals of another video's frame count: refused, never lined up with the wrong frames after joining
+    with pytest.raises(ValueError, match=r"video 0 of the batch: its attention is of shape \(3, 16\)"):
+        VisionZip().compress_batch([(torch.randn(1, 16, 8), [4], signals(3, 16)), (torch.randn(3, 16, 8), [4, 4, 4], signals(1, 16))])
+
+
+def test_a_subclass_with_its_own_selection_batches_one_video_at_a_time():
+    class Positional(Uniform):  # reads where a frame is: joining videos would shift it
+        def select_frames(self, features, frames, budget, signals):
+            return super().select_frames(features, frames, budget + 0 * frames[0], signals)
+
+    class Declared(Positional):
+        per_frame = True
+
+    class Renamed(VisionZip):
+        name = "renamed"
+
+    assert (Positional.per_frame, Declared.per_frame, Renamed.per_frame, Uniform.per_frame) == (False, True, True, True)
 
 
 def test_order_flag_keeps_the_compressors_own_order():

@@ -155,7 +155,7 @@ def test_every_figure_in_the_docs_has_its_command_next_to_it():
         for i, line in enumerate(lines):
             for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", line):
                 near = "\n".join(lines[max(0, i - 6): i + 1])
-                assert re.search(r"vidtok (eval|calibrate|bench|viz)|guide_curve\.py|testbed\.sh|bases(\.sh|_figure\.py)|vllm_bench\.py", near), \
+                assert re.search(r"vidtok (eval|calibrate|bench|viz)|guide_curve\.py|testbed\.sh|bases(\.sh|_figure\.py)|vllm_bench\.py|eval_batch\.py", near), \
                     f"{page.relative_to(ROOT)}: no command next to {image}"
 
 

@@ -331,7 +331,7 @@ def test_qwen3_vl_at_release_geometry(qwen3_pair):
     assert all(d[0].shape[0] == video_out.pooler_output[0].shape[0] == 392 for d in video_out.deepstack_features)
     # and aligned: the compression treats every list as the main features' own channels, so a kept token left
     # as it was (a dominant one) is left as it was in every list, and a merged one is merged in every list
-    encoded = cache.entries[("vision", id(eight), True)][0]  # the main tower's encoding the call used
+    encoded = cache.entries[("vision", id(eight), True, None)][0]  # the main tower's encoding the call used (signals read)
     flat = torch.tensor([g * per_group + i for g, k in enumerate(plan.kept) for i in k])
     untouched = (encoded.features.flatten(0, 1)[flat] - video_out.pooler_output[0]).abs().amax(-1) < 1e-5
     assert 0 < int(untouched.sum()) < 392

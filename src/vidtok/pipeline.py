@@ -124,11 +124,19 @@ class VideoCache:
 
     `check_content=False` skips that check (a hash of the frames per call) for frames nothing else
     can change while the cache lives: `vidtok eval` decodes its own and hands them to no one else.
+
+    `signals=True` reads the vision tower's signals (VisionZip's attention and keys) with every
+    encode where the tower runs sdpa: reading them is the same sdpa kernel with an observer, so the
+    features are bitwise a plain encode's, and one encode serves the methods that read the signals
+    and those that do not. For a cache that both kinds share (`vidtok eval` sets it when one of its
+    configurations reads them); the observer's own work (attention weights of one layer) is paid
+    by every encode.
     """
 
-    def __init__(self, video, *, check_content: bool = True):
+    def __init__(self, video, *, check_content: bool = True, signals: bool = False):
         self.video = video
         self.check_content = check_content
+        self.signals = bool(signals)
         self.fingerprint = fingerprint(video) if check_content else None
         self.sampling = None
         self.entries: dict = {}
@@ -251,6 +259,11 @@ def _stages(base: Compressor) -> tuple[Compressor, FastV | None]:
     if isinstance(base, FastV):
         return Full(), base
     return base, None
+
+
+def reads_vision_signals(method) -> bool:
+    """Whether `method` compresses before the LLM with a base that reads the vision tower's signals."""
+    return _stages(_describe(method)[0])[0].needs_vision_signals
 
 
 def _inline_layers(dytok: DyToK, fastv: FastV, adapter) -> list[int]:
@@ -644,15 +657,19 @@ def _encode(adapter, items, encoder, sync) -> None:
     """Each item's encoded video: from its cache, else computed in one vision-tower call per kind
     (VisionZip's signals read or not) for every video not yet encoded; each is charged its share."""
     model = adapter.model
-    # Reading the signals runs the tower's attention through the stock sdpa kernel with an observer:
-    # where the tower runs sdpa anyway, its features are then bitwise a plain encode's, so a shared
-    # cache always reads them (a small share of the tower's work) and one encode serves every method.
-    rich = attention_implementations(model).get("vision_config") == "sdpa"
+    # a cache made with signals=True gets them with every encode where that leaves the features
+    # bitwise unchanged (the tower runs sdpa, the kernel the observer runs): one encode serves all
+    kernel = attention_implementations(model).get("vision_config")
+    rich = kernel == "sdpa"
+
+    def key(signals):  # a plain encode runs the tower's own kernel, which can be switched between calls
+        return ("vision", id(model), signals, None if signals else kernel)
+
     todo: dict = {}
     for item in items:
         cache = item["cache"]
-        item["signals"] = (item["compressing"] and encoder.needs_vision_signals) or (cache is not None and rich)
-        if cache is not None and cache.has(("vision", id(model), item["signals"]), model):
+        item["signals"] = (item["compressing"] and encoder.needs_vision_signals) or (cache is not None and cache.signals and rich)
+        if cache is not None and cache.has(key(item["signals"]), model):
             continue
         # items that share a cache share its video: encoded once, the others reuse it below
         todo.setdefault(item["signals"], {}).setdefault(id(item) if cache is None else id(cache), item)
@@ -666,10 +683,10 @@ def _encode(adapter, items, encoder, sync) -> None:
             item["timer"].seconds["vision"] = item["timer"].seconds.get("vision", 0.0) + share
             item["encoded"] = video
             if item["cache"] is not None:
-                item["cache"].put(("vision", id(model), signals), "vision", video, share, model)
+                item["cache"].put(key(signals), "vision", video, share, model)
     for item in items:
         if "encoded" not in item:  # in a cache: its own, or one an item of this batch just filled
-            item["encoded"] = item["cache"].fetch(("vision", id(model), item["signals"]), "vision", item["timer"], None, model)
+            item["encoded"] = item["cache"].fetch(key(item["signals"]), "vision", item["timer"], None, model)
 
 
 def _allocate(item, guide_pass, dytok) -> None:
@@ -698,6 +715,8 @@ def _compress(items, encoder, sync) -> None:
     seconds: dict[str, float] = {}
     with _Timer(seconds, sync)("compress"):
         compressed = encoder.compress_batch(videos) if videos else []
+    if len(compressed) != len(todo):
+        raise ValueError(f"{encoder.name}.compress_batch returned {len(compressed)} results for {len(todo)} videos: it must return one per video, in order")
     for item, (tokens, kept) in zip(todo, compressed):
         encoded = item["encoded"]
         tokens, *companions = tokens.split([encoded.features.shape[-1]] + [c.shape[-1] for c in encoded.companions], dim=-1)

@@ -47,6 +47,13 @@ class Compressor:
     # the frames of several videos can then go through one call (compress_batch)
     per_frame: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a subclass that selects or compresses its own way may read positions or span frames: it
+        # batches frame by frame only where it says so itself
+        if "per_frame" not in cls.__dict__ and any(name in cls.__dict__ for name in ("select", "select_frames", "compress")):
+            cls.per_frame = False
+
     @property
     def label(self) -> str:
         return self.name
@@ -93,12 +100,19 @@ class Compressor:
         compressor runs the frames of all videos as one video, so that each distinct budget is one
         select_frames call for the whole batch; others, or videos of different token grids, one
         video at a time."""
-        for features, budgets, _ in videos:
-            _check_budgets(features, budgets)
         signals = [s or FrameSignals() for _, _, s in videos]
         kinds = {(tuple(f.shape[1:]), f.dtype, f.device, s.width, s.attention is None, s.metric is None) for (f, _, _), s in zip(videos, signals)}
         if not self.per_frame or len(videos) < 2 or len(kinds) > 1:
             return [self.compress(features, budgets, s) for (features, budgets, _), s in zip(videos, signals)]
+        for n, ((features, budgets, _), s) in enumerate(zip(videos, signals)):  # joined, a mistake would name no video
+            try:
+                _check_budgets(features, budgets)
+                for name in ("attention", "metric"):
+                    value = getattr(s, name)
+                    if value is not None and tuple(value.shape[:2]) != tuple(features.shape[:2]):
+                        raise ValueError(f"its {name} is of shape {tuple(value.shape)} for features of {tuple(features.shape[:2])} frames x tokens")
+            except ValueError as error:
+                raise ValueError(f"video {n} of the batch: {error}") from None
         joint = FrameSignals(*(None if getattr(signals[0], name) is None else torch.cat([getattr(s, name) for s in signals])
                                for name in ("attention", "metric")), width=signals[0].width)
         tokens, kept = self.compress(torch.cat([f for f, _, _ in videos]), [b for _, budgets, _ in videos for b in budgets], joint)

@@ -512,7 +512,7 @@ def _evaluate_records(indices, records, states, methods, adapter, model, tokeniz
     `sharing` counts it."""
     import torch
 
-    from ..pipeline import VideoCache
+    from ..pipeline import VideoCache, reads_vision_signals
     from ..video import file_identity
 
     ready = {}
@@ -533,7 +533,9 @@ def _evaluate_records(indices, records, states, methods, adapter, model, tokeniz
                 states[run].add({**head, "failed": problem})
             continue
         # the evaluation's own decoded frames, never handed out: no content check per call
-        ready[index] = (head, pixels, VideoCache(pixels, check_content=False), pending)
+        # one encode per video for all configurations when some read the tower's signals (VideoCache)
+        signals = any(reads_vision_signals(methods[run]) for run in pending)
+        ready[index] = (head, pixels, VideoCache(pixels, check_content=False, signals=signals), pending)
 
     for run, state in states.items():
         batch = [index for index, (_, _, _, pending) in ready.items() if run in pending]
