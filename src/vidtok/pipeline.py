@@ -649,8 +649,14 @@ def _prepare(model, tokenizer, videos, questions, method, frames, fps, caches) -
                                      "main_layers": own_layers}
     for n, item in enumerate(items):
         _allocate(item, passes.get(n), dytok)
-    _compress(items, encoder, sync)
-    return [_finish(item, adapter, tokenizer, base, dytok, fastv, inline, layers, len(items)) for item in items]
+    seconds: dict[str, float] = {}
+    with _Timer(seconds, sync)("compress"):  # compressing and building the inputs: the batch's time, each item its share
+        _compress(items, encoder)
+        for item in items:
+            _build_inputs(item, adapter, tokenizer)
+    for item in items:
+        item["timer"].seconds["compress"] = item["timer"].seconds.get("compress", 0.0) + seconds["compress"] / len(items)
+    return [_finish(item, adapter, base, dytok, fastv, inline, layers, len(items)) for item in items]
 
 
 def _encode(adapter, items, encoder, sync) -> None:
@@ -703,25 +709,22 @@ def _allocate(item, guide_pass, dytok) -> None:
     item.update(guide_pass=guide_pass, weights=weights, split=split, prior=prior, vision_budgets=budgets)
 
 
-def _compress(items, encoder, sync) -> None:
-    """Every item's kept tokens: those of the items that compress from one compress_batch call
-    (each charged its share of the time), the others all of theirs."""
+def _compress(items, encoder) -> None:
+    """Every item's kept tokens: those of the items that compress from one compress_batch call,
+    the others all of theirs."""
     todo = [item for item in items if item["compressing"]]
     videos = []
     for item in todo:  # companions (DeepStack) ride along as extra channels: the same tokens, merged the same way
         encoded = item["encoded"]
         stacked = torch.cat([encoded.features, *encoded.companions], dim=-1) if encoded.companions else encoded.features
         videos.append((stacked, item["vision_budgets"], dataclasses.replace(encoded.signals or FrameSignals(), width=encoded.features.shape[-1])))
-    seconds: dict[str, float] = {}
-    with _Timer(seconds, sync)("compress"):
-        compressed = encoder.compress_batch(videos) if videos else []
+    compressed = encoder.compress_batch(videos) if videos else []
     if len(compressed) != len(todo):
         raise ValueError(f"{encoder.name}.compress_batch returned {len(compressed)} results for {len(todo)} videos: it must return one per video, in order")
     for item, (tokens, kept) in zip(todo, compressed):
         encoded = item["encoded"]
         tokens, *companions = tokens.split([encoded.features.shape[-1]] + [c.shape[-1] for c in encoded.companions], dim=-1)
         item.update(tokens=tokens, kept=kept, companions=companions)
-        item["timer"].seconds["compress"] = item["timer"].seconds.get("compress", 0.0) + seconds["compress"] / len(todo)
     for item in items:
         if not item["compressing"]:
             encoded = item["encoded"]
@@ -729,19 +732,22 @@ def _compress(items, encoder, sync) -> None:
                         companions=[c.flatten(0, 1) for c in encoded.companions])
 
 
-def _finish(item, adapter, tokenizer, base, dytok, fastv, inline, layers, batch) -> Prepared:
-    """Build one item's inputs and plan from its kept tokens."""
-    encoded, timer = item["encoded"], item["timer"]
-    features = encoded.features
+def _build_inputs(item, adapter, tokenizer) -> None:
+    """An item's prompt ids and model inputs around its kept tokens."""
+    encoded, kept = item["encoded"], item["kept"]
+    video_embeds = torch.cat([item["tokens"], encoded.newline])
+    input_ids = adapter.prompt_ids(tokenizer, item["question"], [len(k) for k in kept], item["pixels"])
+    _check_length(adapter, input_ids, "model")
+    item.update(input_ids=input_ids, inputs=adapter.model_inputs(input_ids, video_embeds, encoded, kept, item["companions"]))
+
+
+def _finish(item, adapter, base, dytok, fastv, inline, layers, batch) -> Prepared:
+    """One item's plan, and its FastV stage where the LLM drops tokens."""
+    features = item["encoded"].features
     num_frames, per_frame = item["units"], item["per_unit"]
     vision_budget, llm_budget, dropping = item["vision_budget"], item["llm_budget"], item["dropping"]
     weights, split, prior, vision_budgets = item["weights"], item["split"], item["prior"], item["vision_budgets"]
-    tokens, kept = item["tokens"], item["kept"]
-    with timer("compress"):  # building the inputs is charged to the stage that shaped them, as before batching
-        video_embeds = torch.cat([tokens, encoded.newline])
-        input_ids = adapter.prompt_ids(tokenizer, item["question"], [len(k) for k in kept], item["pixels"])
-        _check_length(adapter, input_ids, "model")
-        inputs = adapter.model_inputs(input_ids, video_embeds, encoded, kept, item["companions"])
+    tokens, kept, input_ids, inputs = item["tokens"], item["kept"], item["input_ids"], item["inputs"]
 
     plan = Plan(
         method=base.label,
