@@ -176,6 +176,13 @@ def llava_pair():
     return seven, half
 
 
+def _prepare_pair(main, guide, tokenizer, video):
+    """DyToK + VisionZip 25% guided by `guide` on `video`, through a cache the test goes on using: (prepared, method, cache)."""
+    cache = vidtok.VideoCache(video)
+    method = DyToK(VisionZip(0.25), guide=guide)
+    return prepare(main, tokenizer, video, Q, method, cache=cache), method, cache
+
+
 def test_llava_onevision_at_release_geometry(llava_pair):
     seven, half = llava_pair
     tokenizer = llava_tokenizer(LLAVA_SEVEN)
@@ -186,10 +193,8 @@ def test_llava_onevision_at_release_geometry(llava_pair):
     per_frame = math.ceil(grid / 2) ** 2
     assert (grid, per_frame) == (27, 196)
     assert (seven.config.text_config.vocab_size, half.config.text_config.vocab_size) == (152128, 151936)
-    cache = vidtok.VideoCache(video)
     # the released pair (7B main, 0.5B assistant: 152128 and 151936 embedding rows, one tokenizer) is accepted
-    method = DyToK(VisionZip(0.25), guide=half)
-    prepared = prepare(seven, tokenizer, video, Q, method, cache=cache)
+    prepared, method, cache = _prepare_pair(seven, half, tokenizer, video)
     plan = prepared.plan
     assert plan.unit == "frame" and plan.frames == 32 and plan.tokens_per_frame == per_frame
     assert sum(plan.budgets) == plan.total_budget == round(0.25 * 32 * per_frame) == 1568
@@ -247,10 +252,8 @@ def test_qwen2_5_vl_at_release_geometry(qwen25_pair):
     groups, per_group = 16 // pre["temporal_patch_size"], (size[0] // factor) * (size[1] // factor)
     assert (size, groups, per_group) == ((448, 448), 8, 256)
     assert (seven.config.text_config.vocab_size, three.config.text_config.vocab_size) == (152064, 151936)
-    cache = vidtok.VideoCache(video)
     # the released pair (7B main, 3B assistant: 152064 and 151936 embedding rows, one tokenizer) is accepted
-    method = DyToK(VisionZip(0.25), guide=three)
-    prepared = prepare(seven, tokenizer, video, Q, method, cache=cache)
+    prepared, method, cache = _prepare_pair(seven, three, tokenizer, video)
     plan = prepared.plan
     assert plan.unit == "temporal_group" and plan.frames == groups and plan.tokens_per_frame == per_group
     assert sum(plan.budgets) == round(0.25 * groups * per_group) == 512 and [len(k) for k in plan.kept] == plan.budgets
@@ -307,10 +310,8 @@ def test_qwen3_vl_at_release_geometry(qwen3_pair):
     assert vp["size"]["shortest_edge"] <= 16 * 448 * 448 <= vp["size"]["longest_edge"] and 448 % factor == 0
     groups, per_group = 16 // vp["temporal_patch_size"], (448 // factor) ** 2
     assert (groups, per_group) == (8, 196)
-    cache = vidtok.VideoCache(video)
     # the released pair (8B main, 2B assistant) is accepted
-    method = DyToK(VisionZip(0.25), guide=two)
-    prepared = prepare(eight, tokenizer, video, Q, method, cache=cache)
+    prepared, method, cache = _prepare_pair(eight, two, tokenizer, video)
     plan = prepared.plan
     assert plan.frames == groups and plan.tokens_per_frame == per_group
     assert sum(plan.budgets) == round(0.25 * groups * per_group) == 392 and [len(k) for k in plan.kept] == plan.budgets
@@ -394,10 +395,8 @@ def test_qwen3_5_at_release_geometry(qwen35_pair):
     per_group = side * side
     assert (factor, groups, per_group) == (32, 4, 81)
     video = frames(count, size)
-    cache = vidtok.VideoCache(video)
     # the released pair (27B main, 0.8B assistant: one tokenizer, one layout) is accepted
-    method = DyToK(VisionZip(0.25), guide=small)
-    prepared = prepare(big, tokenizer, video, Q, method, cache=cache)
+    prepared, method, cache = _prepare_pair(big, small, tokenizer, video)
     plan = prepared.plan
     assert plan.unit == "temporal_group" and plan.frames == groups and plan.tokens_per_frame == per_group
     assert sum(plan.budgets) == round(0.25 * groups * per_group) == 81 and [len(k) for k in plan.kept] == plan.budgets
